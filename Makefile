@@ -1,0 +1,80 @@
+# atp-repro: one-command reproduce and test.
+#
+#   make reproduce   rebuild every table (tables/) and figure (figures/) in the mini world
+#   make test        unit tests + every notebook on smoke parameters + nbval over the results
+#
+# Both create a local virtual environment (.venv) on first use, with nothing installed beforehand
+# but Python >= 3.10 and make. It is reinstalled when pyproject.toml changes.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= .venv
+# CPU build of torch, pinned in the same pip step as the package (else pip may pull a multi-GB
+# CUDA build). GPU machines: make TORCH_SPEC='torch==2.13.0' PIP_ARGS='--index-url ...' or use
+# environment.yml.
+TORCH_SPEC  ?= torch==2.13.0
+EXTRAS      ?= train,dev
+PIP_ARGS    ?=
+JOBS        ?= 1
+PYTEST_ARGS ?=
+
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.atp-repro-installed
+SMOKE  := build/notebooks/smoke
+NBVAL  := --nbval-lax --nbval-current-env -p no:cacheprovider
+
+.PHONY: help venv reproduce test test-all test-unit smoke nbval lab lint format clean distclean
+
+help: ## list the targets
+	@echo "atp-repro make targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC=$(TORCH_SPEC) JOBS=$(JOBS)"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "atp-repro needs Python >= 3.10, found " + sys.version.split()[0] + " (set PYTHON=...)")'
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	DS_BUILD_OPS=0 $(VPY) -m pip install $(PIP_ARGS) '$(TORCH_SPEC)' -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create/update the virtual environment (.venv)
+
+reproduce: $(STAMP) ## run every notebook with the committed mini-world defaults; writes tables/ and figures/
+	$(VPY) -m atp_repro reproduce --jobs $(JOBS)
+
+test: $(STAMP) ## fast unit tests, then all notebooks on smoke parameters, then nbval
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
+	$(VPY) -m atp_repro run-notebooks --profile smoke --clean --jobs $(JOBS)
+	$(VPY) -m pytest $(NBVAL) $(SMOKE)
+
+test-unit: $(STAMP) ## unit tests (fast: -m "not slow")
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: $(STAMP) ## unit tests including the slow ones
+	$(VPY) -m pytest $(PYTEST_ARGS) tests
+
+smoke: $(STAMP) ## execute every notebook with notebooks/params/smoke/* into build/notebooks/smoke
+	$(VPY) -m atp_repro run-notebooks --profile smoke --clean --jobs $(JOBS)
+
+nbval: $(STAMP) ## nbval (lax) over the smoke-executed notebooks
+	$(VPY) -m pytest $(NBVAL) $(SMOKE)
+
+lab: $(STAMP) ## JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+lint: $(STAMP) ## ruff (code and notebooks)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check atp_repro tests
+
+format: $(STAMP) ## ruff format and fix
+	$(VPY) -m ruff format atp_repro tests
+	$(VPY) -m ruff check --fix .
+
+clean: ## remove build products and caches (keeps .venv, tables/, figures/ and trained artifacts)
+	rm -rf build .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean ## also remove .venv and the cache of trained artifacts (.cache/)
+	rm -rf $(VENV) .cache
