@@ -1,0 +1,187 @@
+"""Public API: add ATP modules to a Hugging Face LLaVA model and read what they did.
+
+>>> model = apply_atp(LlavaForConditionalGeneration(cfg), ATPConfig(module_layers=(1, 2, 3)))  # doctest: +SKIP
+>>> model.eval(); out = model.generate(**inputs)                    # hard pruning, shorter KV cache
+>>> token_counts(model)                                             # (batch, num_layers) vision tokens
+>>> model.train(); loss = model(**batch).loss + budget_loss(model)  # soft, differentiable masks
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+from .config import ATPConfig
+from .language_model import ATPRecord, ATPRuntime, atp_language_model_class
+from .loss import budget_terms
+from .module import ATPModule
+
+ATP_CONFIG_FILE = "atp_config.json"
+ATP_WEIGHTS_FILE = "atp_modules.pt"
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "layers") or not hasattr(lm, "rotary_emb"):
+        raise TypeError(
+            "apply_atp expects a transformers LLaVA-style model (model.model.language_model with decoder "
+            f"`layers` and `rotary_emb`); got {type(model).__name__}"
+        )
+    return lm
+
+
+def _runtime(model: nn.Module) -> ATPRuntime:
+    runtime = getattr(_language_model(model), "_atp_runtime", None)
+    if runtime is None:
+        raise ValueError("this model has no ATP modules; call atp_repro.apply_atp(model, config) first")
+    return runtime
+
+
+def _grid_size_hint(model: nn.Module) -> int:
+    vision = getattr(model.config, "vision_config", None)
+    image_size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if image_size and patch:
+        return int(image_size) // int(patch)
+    return int(round(getattr(model.config, "image_seq_length", 576) ** 0.5))
+
+
+def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
+    """Add ATP modules in place to a ``LlavaForConditionalGeneration`` and return it.
+
+    The language model's class is swapped for an ATP subclass (same weights, same state-dict keys
+    plus ``atp_modules.*``). ``model.train()`` then runs the soft path, ``model.eval()`` hard
+    pruning. ``model.generate`` is wrapped on the instance so that, without a KV cache, generated
+    tokens are treated as answers and excluded from the cross-modality queries (as at training).
+    """
+    if not isinstance(config, ATPConfig):
+        raise TypeError(f"config must be an ATPConfig, got {type(config).__name__}")
+    lm = _language_model(model)
+    if getattr(lm, "_atp_runtime", None) is not None:
+        raise ValueError("ATP modules were already applied to this model")
+    num_layers = lm.config.num_hidden_layers
+    if config.module_layers[-1] >= num_layers - 1:
+        raise ValueError(
+            f"ATPConfig.module_layers={config.module_layers} is outside the model's depth: a module must sit "
+            f"after a layer in 0..{num_layers - 2} (the model has {num_layers} decoder layers)"
+        )
+    if config.position_encoding == "rope2d" and not hasattr(lm.rotary_emb, "inv_freq"):
+        raise ValueError("position_encoding='rope2d' needs a rotary embedding with `inv_freq`")
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is None:
+        raise ValueError("the model config has no image_token_id; ATP finds the vision span from it")
+
+    reference = next(lm.parameters())
+    lm.atp_modules = nn.ModuleList(
+        ATPModule(config, i, lm.config.hidden_size, _grid_size_hint(model)) for i in range(config.num_modules)
+    ).to(device=reference.device)
+    lm.__class__ = atp_language_model_class(type(lm))
+    # transformers keys its output-capture registry by class: register the new class.
+    _CAN_RECORD_REGISTRY[lm] = lm._can_record_outputs
+    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id))
+    lm._atp_runtime = runtime
+
+    def remember_image_tokens(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        runtime.pending_image_mask = None if input_ids is None else input_ids == runtime.image_token_id
+
+    def remember_answers(module, args, kwargs):
+        labels = kwargs.get("labels")
+        runtime.pending_answer_mask = None if labels is None else labels != -100
+
+    model.model.register_forward_pre_hook(remember_image_tokens, with_kwargs=True)
+    model.register_forward_pre_hook(remember_answers, with_kwargs=True)
+
+    stock_generate = model.generate
+
+    @functools.wraps(stock_generate)
+    def generate(*args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
+        try:
+            return stock_generate(*args, **kwargs)
+        finally:
+            runtime.prompt_length = None
+
+    model.generate = generate
+    return model
+
+
+def atp_config(model: nn.Module) -> ATPConfig:
+    """The ATPConfig a model was given."""
+    return _runtime(model).config
+
+
+def last_atp_record(model: nn.Module) -> ATPRecord:
+    """Everything the ATP modules did in the last forward with images (the prefill, for generate)."""
+    record = _runtime(model).record
+    if record is None:
+        raise ValueError("no forward with images has run since ATP was applied")
+    return record
+
+
+def token_counts(model: nn.Module) -> torch.Tensor:
+    """(batch, num_decoder_layers) LongTensor of vision tokens each sample had at each layer.
+
+    Soft path: the rounded soft count sum(D). The paper's "Token" is ``token_counts(model).float().mean()``.
+    """
+    return last_atp_record(model).token_counts
+
+
+def budget_loss(model: nn.Module, config: ATPConfig | None = None) -> torch.Tensor:
+    """lambda_ATP * L_ATP + lambda_target * L_target of the last forward (differentiable in train())."""
+    return budget_breakdown(model, config)["budget_loss"]
+
+
+def budget_breakdown(model: nn.Module, config: ATPConfig | None = None) -> dict[str, torch.Tensor]:
+    """The budget loss and its two terms, ``l_atp`` and ``l_target``."""
+    config = config or atp_config(model)
+    record = last_atp_record(model)
+    num_layers = _language_model(model).config.num_hidden_layers
+    return budget_terms(record.stage_counts, config.module_layers, num_layers, config.n_target, config.lambda_atp,
+                        config.lambda_target)
+
+
+def atp_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ATP modules' parameters (threshold networks, learned grid embeddings), e.g. for their own LR."""
+    _runtime(model)
+    return list(_language_model(model).atp_modules.parameters())
+
+
+def save_atp(model: nn.Module, directory: str | Path) -> None:
+    """Write the ATP config and module weights next to a ``save_pretrained`` checkpoint (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atp_config(model).save(directory / ATP_CONFIG_FILE)
+    tmp = directory / (ATP_WEIGHTS_FILE + ".tmp")
+    torch.save(_language_model(model).atp_modules.state_dict(), tmp)
+    tmp.replace(directory / ATP_WEIGHTS_FILE)
+
+
+def load_atp(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Apply the ATP config saved in ``directory`` to a stock model and load the module weights."""
+    directory = Path(directory)
+    config = ATPConfig.load(directory / ATP_CONFIG_FILE)
+    apply_atp(model, config)
+    state = torch.load(directory / ATP_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    _language_model(model).atp_modules.load_state_dict(state)
+    return model
+
+
+def save_atp_pretrained(model: nn.Module, directory: str | Path) -> None:
+    """``model.save_pretrained`` plus the ATP files; reload with :func:`load_atp_pretrained`."""
+    model.save_pretrained(directory)
+    save_atp(model, directory)
+
+
+def load_atp_pretrained(directory: str | Path, model_class: type | None = None, **kwargs) -> nn.Module:
+    """Load a checkpoint written by :func:`save_atp_pretrained` (stock class + ATP modules)."""
+    from transformers import AutoModelForImageTextToText
+
+    loader = model_class or AutoModelForImageTextToText
+    model = loader.from_pretrained(directory, **kwargs)
+    return load_atp(model, directory)

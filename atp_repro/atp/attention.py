@@ -1,0 +1,139 @@
+"""Reading attention scores out of a pruning layer, with any attention backend.
+
+transformers dispatches attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
+and forwards extra keyword arguments from the decoder layer to that function. We register one
+function, ``atp_scoring``, that wraps a base implementation and, while it runs, hands the scores
+to a :class:`ScoreRequest` passed along as the keyword ``atp_score_request``:
+
+- ``eager`` base (the paper's strategy (2): no flash at pruning layers): the explicit probability
+  map returned by eager attention is reduced to column sums;
+- ``fast`` base (SDPA / flash): the layer's own fused kernel computes its output, and the column
+  sums are formed from the same queries and keys (RoPE applied) for only the blocks they need.
+
+The language model's forward switches a pruning layer to ``atp_scoring`` for exactly one call
+(:func:`scoring_attention`), so the model's configuration is untouched outside that call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .scores import weighted_column_sums, weighted_column_sums_from_qk
+
+SCORING_IMPLEMENTATION = "atp_scoring"
+# Backends whose kernels never expose attention probabilities.
+_FAST_ONLY = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+
+
+def to_additive_mask(
+    mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Any mask format transformers hands to an attention function -> (B|1, 1, Q, K) additive float.
+
+    None means plain causal (prefill of an empty cache); bool 4-D means True = attend; a 2-D
+    (B, K) mask is a padding mask on top of causal (flash-attention format); float 4-D is additive.
+    """
+    neg = torch.finfo(dtype).min
+    if mask is None or mask.dim() == 2:
+        rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+        allowed = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+        if mask is not None:
+            allowed = allowed & mask.bool()[:, None, None, :]
+        return torch.where(allowed, 0.0, neg).to(dtype)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, neg).to(dtype)
+    return mask.to(dtype)
+
+
+@dataclass
+class ScoreRequest:
+    """Asks one attention call for head-averaged column sums.
+
+    Attributes:
+        query_weight: (B, L, 2) weights of the query rows: vision queries, prompt queries.
+        key_columns: slice of key positions holding (all samples') vision tokens.
+        use_eager: run the layer with eager attention and reduce its probability map.
+        column_sums: filled by the call: (B, L, 2).
+        seconds: time spent on the extra score computation (excluding the layer's own attention).
+    """
+
+    query_weight: torch.Tensor
+    key_columns: slice
+    use_eager: bool
+    column_sums: torch.Tensor | None = None
+    seconds: float = 0.0
+    base_name: str = field(default="", repr=False)
+
+
+def atp_scoring_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function registered as ``atp_scoring`` (see module docstring)."""
+    request: ScoreRequest | None = kwargs.pop("atp_score_request", None)
+    if request is None:
+        raise RuntimeError(
+            "the 'atp_scoring' attention implementation only runs inside an ATP pruning layer; "
+            "do not set it as a model's attn_implementation"
+        )
+    if request.use_eager:
+        additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
+        kwargs.pop("is_causal", None)
+        output, probs = eager_attention_forward(module, query, key, value, additive, **kwargs)
+        start = time.perf_counter()
+        request.column_sums = weighted_column_sums(probs, request.query_weight)
+        request.seconds += time.perf_counter() - start
+        return output, probs
+
+    base: Callable = ALL_ATTENTION_FUNCTIONS[request.base_name]
+    output, probs = base(module, query, key, value, attention_mask, **kwargs)
+    start = time.perf_counter()
+    additive = None
+    if attention_mask is not None:
+        additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
+    request.column_sums = weighted_column_sums_from_qk(
+        query, key, additive, module.scaling, request.query_weight, request.key_columns
+    )
+    request.seconds += time.perf_counter() - start
+    return output, probs
+
+
+AttentionInterface.register(SCORING_IMPLEMENTATION, atp_scoring_attention)
+
+
+def resolve_scoring_backend(choice: str, model_implementation: str | None) -> bool:
+    """True if pruning layers should run eager attention (and read its map), False for fast scoring."""
+    impl = model_implementation or "eager"
+    if choice == "eager":
+        return True
+    if choice == "fast":
+        return False
+    if choice == "auto":
+        return impl not in _FAST_ONLY and impl == "eager"
+    raise ValueError(f"scoring_backend={choice!r} is not one of ('auto', 'eager', 'fast')")
+
+
+@contextlib.contextmanager
+def scoring_attention(config, request: ScoreRequest) -> Iterator[None]:
+    """Route one decoder layer's attention through ``atp_scoring`` and restore the config after."""
+    previous = config._attn_implementation
+    request.base_name = previous if previous in ALL_ATTENTION_FUNCTIONS else "sdpa"
+    if previous in (None, "eager"):
+        request.use_eager = True
+    config._attn_implementation = SCORING_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

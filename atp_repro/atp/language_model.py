@@ -1,0 +1,323 @@
+"""The language model's forward with ATP modules (the only place that touches transformers' loop).
+
+:func:`atp_language_model_class` derives, from a Llama-style decoder class of transformers
+(``LlamaModel`` and its look-alikes: a ``layers`` list, ``rotary_emb``, ``norm``), a subclass whose
+forward runs the stock layers and, after each module layer, scores the vision tokens and prunes:
+
+- ``train()``: soft path. All tokens stay; keep values D accumulate and every later layer gets an
+  additive attention mask log(D_k + eps) on vision keys (self-attention exempt).
+- ``eval()``: hard path. Kept tokens are gathered into a shorter, left-padded sequence; later layers
+  and their KV-cache entries are shorter. Each *stage* (the layers between two modules) has its
+  own 2-D padding mask, which decode steps extend with the newly generated tokens.
+
+The returned hidden states keep the input's length: pruned positions are filled with zeros, so
+``labels`` and ``logits`` stay aligned with ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .attention import ScoreRequest, resolve_scoring_backend, scoring_attention
+from .config import ATPConfig
+from .loss import per_layer_counts
+from .masks import attention_log_bias, causal_padding_mask, compaction_index, gather_positions
+from .positions import rope2d_cos_sin
+from .spatial import grid_size_for, spatial_scores
+
+
+@dataclass
+class ATPRecord:
+    """What the ATP modules did in the last forward that contained images (one prefill)."""
+
+    stage_counts: torch.Tensor  # (B, M + 1) vision tokens per stage; soft + differentiable in train()
+    token_counts: torch.Tensor  # (B, num_layers) LongTensor, vision tokens entering each layer
+    kept_vision_indices: list[list[torch.Tensor]]  # [module][sample] -> original grid indices alive after it
+    thresholds: list[tuple[torch.Tensor, torch.Tensor]]  # [module] -> (theta_r, theta_s), each (B,)
+    redundancy: list[torch.Tensor]  # [module] -> (B, L_stage) S_r in that stage's sequence layout
+    grid_size: int
+    soft: bool
+    overhead_seconds: float  # scoring + thresholds + gathering, excluding the layers themselves
+
+
+@dataclass
+class _PrunedCacheState:
+    prefill_length: int
+    stages: list[tuple[int, torch.Tensor]]  # (first layer of the stage, (B, L_stage) prefill padding mask)
+    soft: bool
+
+
+@dataclass
+class ATPRuntime:
+    """Per-model state that is not a parameter: config, pending inputs, last record, cache states."""
+
+    config: ATPConfig
+    image_token_id: int
+    pending_image_mask: torch.Tensor | None = None
+    pending_answer_mask: torch.Tensor | None = None
+    prompt_length: int | None = None
+    record: ATPRecord | None = None
+    cache_states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+
+
+@dataclass
+class _Sequence:
+    """Per-position bookkeeping that travels with the (possibly compacted) sequence, all (B, L...)."""
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    valid: torch.Tensor  # not padding
+    grid_index: torch.Tensor  # original row-major grid index of vision tokens, -1 for text / padding
+    is_prompt: torch.Tensor  # text after the image that is not an answer
+    original_index: torch.Tensor  # position in the input sequence
+
+    @property
+    def is_vision(self) -> torch.Tensor:
+        return self.grid_index >= 0
+
+    def compact(self, keep: torch.Tensor) -> None:
+        index, valid = compaction_index(keep)
+        for name in ("hidden", "position_ids", "cos", "sin", "grid_index", "is_prompt", "original_index"):
+            setattr(self, name, gather_positions(getattr(self, name), index))
+        self.valid = valid
+        self.grid_index = torch.where(valid, self.grid_index, -1)
+        self.is_prompt = self.is_prompt & valid
+
+
+def _vision_layout(image_mask: torch.Tensor, valid: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Validate one contiguous, equally sized image span per sample; return V, grid index, span end."""
+    counts = image_mask.sum(-1)
+    missing = torch.nonzero(counts == 0).flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"ATP needs an image token span in every sample of the batch; sample(s) {missing} have none. "
+            "Pass an image per sample, or run a model without ATP for text-only inputs."
+        )
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"ATP needs the same number of image tokens per sample; got {counts.tolist()}")
+    positions = torch.arange(image_mask.shape[-1], device=image_mask.device)
+    first = torch.where(image_mask, positions, image_mask.shape[-1]).amin(-1)
+    last = torch.where(image_mask, positions, -1).amax(-1)
+    if not bool((last - first + 1 == counts).all()):
+        raise ValueError("ATP needs one contiguous image token span per sample (multi-image inputs are not supported)")
+    if bool((image_mask & ~valid).any()):
+        raise ValueError("attention_mask marks image tokens as padding")
+    grid_index = torch.where(image_mask, torch.cumsum(image_mask.long(), -1) - 1, -1)
+    return int(counts[0]), grid_index, last
+
+
+def _vision_columns(is_vision: torch.Tensor) -> slice:
+    """Smallest slice of positions covering every sample's vision tokens."""
+    positions = torch.nonzero(is_vision.any(0)).flatten()
+    return slice(int(positions.min()), int(positions.max()) + 1)
+
+
+def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, cache, use_cache, image_mask,
+             answer_mask, kwargs):
+    cfg = runtime.config
+    batch, length, _ = embeds.shape
+    device = embeds.device
+    if cache is not None and cache.get_seq_length() > 0:
+        raise NotImplementedError("ATP prunes at prefill; an image span after cached tokens is not supported")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("ATP needs a 2-D (batch, seq) padding attention_mask, not a custom 4-D mask")
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool,
+                                                                               device=device)
+    num_vision, grid_index, image_end = _vision_layout(image_mask, valid)
+    grid = grid_size_for(num_vision)
+    positions = torch.arange(length, device=device)[None]
+    if answer_mask is None:
+        answer_mask = torch.zeros_like(valid)
+        if runtime.prompt_length is not None:  # generation without cache: generated tokens are answers
+            answer_mask = answer_mask | (positions >= runtime.prompt_length)
+    is_prompt = valid & (grid_index < 0) & (positions > image_end[:, None]) & ~answer_mask.bool()
+
+    position_ids = position_ids.expand(batch, -1)
+    cos, sin = model.rotary_emb(embeds, position_ids=position_ids)
+    seq = _Sequence(embeds, position_ids, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), valid, grid_index,
+                    is_prompt, positions.expand(batch, -1))
+    image_start = torch.gather(position_ids, 1, (image_end - num_vision + 1)[:, None]).squeeze(1)
+    mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+                              position_ids=position_ids)
+
+    soft = model.training
+    if soft and model.config._attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(
+            "soft ATP masks (train mode) need an attention backend that accepts additive float masks "
+            f"('eager' or 'sdpa'); the model uses {model.config._attn_implementation!r}"
+        )
+    keep_value = torch.ones(batch, length, device=device) if soft else None
+    use_eager = resolve_scoring_backend(cfg.scoring_backend, model.config._attn_implementation)
+    spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).to(device)
+    module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
+    stage_counts = [torch.full((batch,), float(num_vision), device=device)]
+    kept, thresholds, redundancy, stages = [], [], [], []
+    overhead = 0.0
+
+    for layer_idx, layer in enumerate(model.layers[: model.config.num_hidden_layers]):
+        layer_kwargs = dict(attention_mask=mask, position_embeddings=(seq.cos, seq.sin), position_ids=seq.position_ids,
+                            cache=cache, use_cache=use_cache, **kwargs)
+        module_index = module_at.get(layer_idx)
+        if module_index is None:
+            seq.hidden = layer(seq.hidden, **layer_kwargs)
+            continue
+
+        module = model.atp_modules[module_index]
+        is_vision = seq.is_vision & seq.valid
+        if soft:
+            alive = is_vision & (keep_value > 0.5)
+            vision_weight = torch.where(is_vision, keep_value, 0.0)
+        else:
+            alive = is_vision
+            vision_weight = is_vision.float()
+        request = ScoreRequest(torch.stack([vision_weight, seq.is_prompt.float()], -1), _vision_columns(is_vision),
+                               use_eager)
+        with scoring_attention(model.config, request):
+            seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
+        start = time.perf_counter()
+        spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
+        decision = module.decide(request.column_sums, vision_weight, seq.is_prompt.float(), spatial, is_vision, alive,
+                                 num_vision, keep_value)
+        thresholds.append((decision.theta_r, decision.theta_s))
+        redundancy.append(decision.redundancy)
+        kept.append([seq.grid_index[b][decision.keep[b]].sort().values for b in range(batch)])
+
+        if soft:
+            keep_value = decision.keep_value
+            stage_counts.append(torch.where(is_vision, keep_value, 0.0).sum(-1))
+            dtype = seq.hidden.dtype
+            mask = (causal_padding_mask(seq.valid, dtype) + attention_log_bias(
+                keep_value, is_vision, cfg.log_mask_eps, dtype)).clamp_min(torch.finfo(dtype).min)
+        else:
+            stage_counts.append(decision.keep.sum(-1).float())
+            keep_positions = (seq.valid & ~is_vision) | decision.keep
+            if not torch.equal(keep_positions, seq.valid):
+                seq.compact(keep_positions)
+                mask = create_causal_mask(config=model.config, inputs_embeds=seq.hidden,
+                                          attention_mask=seq.valid.long(), cache=cache,
+                                          position_ids=seq.position_ids, layer_idx=layer_idx + 1)
+            stages.append((layer_idx + 1, seq.valid.clone()))
+
+        if module.grid_embedding is not None:
+            alive_after = seq.is_vision & (keep_value > 0.5 if soft else seq.valid)
+            seq.hidden = seq.hidden + module.grid_embedding(torch.where(alive_after, seq.grid_index, -1)).to(
+                seq.hidden.dtype)
+        if cfg.position_encoding == "rope2d" and module_index == 0:
+            seq.cos, seq.sin = rope2d_cos_sin(model.rotary_emb.inv_freq, model.rotary_emb.attention_scaling,
+                                              seq.position_ids, seq.grid_index, grid, image_start,
+                                              cfg.rope2d_sections, seq.cos.dtype)
+        overhead += time.perf_counter() - start + request.seconds
+
+    hidden = model.norm(seq.hidden)
+    if hidden.shape[1] != length or not torch.equal(seq.original_index, positions.expand(batch, -1)):
+        hidden = _scatter_back(hidden, seq, length)
+
+    counts = torch.stack(stage_counts, -1)
+    runtime.record = ATPRecord(
+        stage_counts=counts,
+        token_counts=per_layer_counts(counts.detach(), cfg.module_layers, model.config.num_hidden_layers).round().long(),
+        kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, grid_size=grid, soft=soft,
+        overhead_seconds=overhead,
+    )
+    if cache is not None:
+        runtime.cache_states[cache] = _PrunedCacheState(length, stages, soft)
+    return hidden
+
+
+def _scatter_back(hidden: torch.Tensor, seq: _Sequence, length: int) -> torch.Tensor:
+    """Return hidden states in the input's layout; pruned positions and padding get zeros."""
+    batch, _, width = hidden.shape
+    # Padding slots write to a spare column that is dropped afterwards.
+    target = torch.where(seq.valid, seq.original_index, length)
+    out = hidden.new_zeros(batch, length + 1, width)
+    out.scatter_(1, target[..., None].expand(-1, -1, width), hidden)
+    return out[:, :length]
+
+
+def _decode(model, state: _PrunedCacheState, embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    if state.soft:
+        raise RuntimeError("generation after a train()-mode (soft mask) prefill is not supported; call model.eval()")
+    batch, q_len, _ = embeds.shape
+    position_ids = position_ids.expand(batch, -1)
+    cos, sin = model.rotary_emb(embeds, position_ids=position_ids)
+    masks = [create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+                                position_ids=position_ids)]
+    first_layers = [0]
+    for first_layer, prefill_valid in state.stages:
+        appended = cache.get_seq_length(first_layer) - prefill_valid.shape[1] + q_len
+        if attention_mask is not None:
+            tail = attention_mask[:, state.prefill_length:]
+            if tail.shape[1] != appended:
+                raise ValueError(
+                    f"attention_mask has {tail.shape[1]} positions after the prefill, the cache expects {appended}")
+        else:
+            tail = torch.ones(batch, appended, dtype=torch.long, device=embeds.device)
+        stage_mask = torch.cat([prefill_valid.long(), tail.long()], dim=-1)
+        masks.append(create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=stage_mask,
+                                        cache=cache, position_ids=position_ids, layer_idx=first_layer))
+        first_layers.append(first_layer)
+    hidden = embeds
+    stage = 0
+    for layer_idx, layer in enumerate(model.layers[: model.config.num_hidden_layers]):
+        while stage + 1 < len(first_layers) and layer_idx >= first_layers[stage + 1]:
+            stage += 1
+        hidden = layer(hidden, attention_mask=masks[stage], position_embeddings=(cos, sin), position_ids=position_ids,
+                       cache=cache, use_cache=use_cache, **kwargs)
+    return model.norm(hidden)
+
+
+def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                 use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+    """Drop-in replacement of the decoder's forward (same arguments, same outputs)."""
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    runtime: ATPRuntime = self._atp_runtime
+    image_mask, runtime.pending_image_mask = runtime.pending_image_mask, None
+    answer_mask, runtime.pending_answer_mask = runtime.pending_answer_mask, None
+    if image_mask is None and input_ids is not None:
+        image_mask = input_ids == runtime.image_token_id
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    if use_cache and cache is None:
+        cache = DynamicCache(config=self.config)
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise TypeError(f"ATP shrinks the KV cache per layer and needs a DynamicCache; got {type(cache).__name__}")
+    if position_ids is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
+
+    if image_mask is not None and bool(image_mask.any()):
+        hidden = _prefill(self, runtime, inputs_embeds, attention_mask, position_ids, cache, use_cache, image_mask,
+                          answer_mask, kwargs)
+    else:
+        state = runtime.cache_states.get(cache) if cache is not None else None
+        if state is None:
+            raise ValueError(
+                "ATP needs an image token span in the input (no image tokens were found and no pruned cache "
+                "from an earlier prefill was given)")
+        hidden = _decode(self, state, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def atp_language_model_class(base: type) -> type:
+    """The ATP subclass of a Llama-style decoder class (created once per base class)."""
+    if base not in _CLASS_CACHE:
+        forward = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(
+            merge_with_config_defaults(capture_outputs(_atp_forward)))
+        _CLASS_CACHE[base] = type(f"ATP{base.__name__}", (base,), {"forward": forward, "__doc__": __doc__})
+    return _CLASS_CACHE[base]

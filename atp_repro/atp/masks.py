@@ -1,0 +1,122 @@
+"""Keep decisions, differentiable masks and sequence compaction (pure tensor functions).
+
+Soft path (training): M_r = sigmoid(T (S_r - theta_r)), M_s = sigmoid(T (S_s - theta_s)),
+M = max(M_r, M_s); keep values accumulate across modules, D = D_prev * M, and every later layer
+adds log(D_k + eps) to the logits of attention to vision key k (a token's attention to itself is
+exempt). Hard path (inference): keep token i iff S_r > theta_r or S_s > theta_s, then gather.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = torch.finfo(torch.float32).min
+
+
+def soft_keep(
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    temperature: float,
+    ste_temperature: float | None = None,
+) -> torch.Tensor:
+    """sigmoid(T (S - theta)), optionally with a straight-through gradient of a softer sigmoid.
+
+    Args:
+        scores: (B, L); thresholds: (B,) or (B, 1).
+    Returns:
+        (B, L) mask in [0, 1]. With ``ste_temperature`` the forward value is the sharp mask and the
+        gradient is that of sigmoid(ste_temperature (S - theta)).
+    """
+    margin = scores.float() - thresholds.float().reshape(-1, 1)
+    sharp = torch.sigmoid(temperature * margin)
+    if ste_temperature is None:
+        return sharp
+    smooth = torch.sigmoid(ste_temperature * margin)
+    return smooth + (sharp - smooth).detach()
+
+
+def combine_keep(redundancy_keep: torch.Tensor, spatial_keep: torch.Tensor) -> torch.Tensor:
+    """M = max(M_r, M_s): a token survives if either criterion keeps it."""
+    return torch.maximum(redundancy_keep, spatial_keep)
+
+
+def hard_keep(
+    redundancy: torch.Tensor,
+    spatial: torch.Tensor,
+    theta_r: torch.Tensor,
+    theta_s: torch.Tensor,
+    alive: torch.Tensor,
+) -> torch.Tensor:
+    """(B, L) bool: alive tokens with S_r > theta_r or S_s > theta_s."""
+    keep = (redundancy > theta_r.reshape(-1, 1)) | (spatial > theta_s.reshape(-1, 1))
+    return keep & alive
+
+
+def top_k_keep(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, L) bool: the k highest-scoring alive tokens of each row (all of them if fewer; ties by position)."""
+    masked = torch.where(alive, scores.float(), float("-inf"))
+    k_eff = min(k, scores.shape[-1])
+    if k_eff == 0:
+        return torch.zeros_like(alive)
+    # A stable sort keeps the earlier token first among equal scores.
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k_eff]
+    keep = torch.zeros_like(alive)
+    keep.scatter_(1, order, True)
+    return keep & alive
+
+
+def attention_log_bias(
+    keep_value: torch.Tensor, is_vision: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B, 1, L, L) additive logits bias: log(D_k + eps) - log(1 + eps) on vision keys, 0 on the diagonal.
+
+    Subtracting log(1 + eps) makes a fully kept token (D = 1) contribute exactly zero, so that a
+    soft path that keeps everything is the stock model.
+    """
+    length = keep_value.shape[-1]
+    column = torch.log(keep_value.float() + eps) - torch.log1p(torch.tensor(eps))
+    column = torch.where(is_vision, column, torch.zeros_like(column))  # (B, L)
+    bias = column[:, None, None, :].expand(-1, 1, length, length)
+    off_diagonal = ~torch.eye(length, dtype=torch.bool, device=keep_value.device)
+    return torch.where(off_diagonal, bias, torch.zeros_like(bias)).to(dtype)
+
+
+def causal_padding_mask(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: 0 where key k <= query q and k is not padding, else a large negative.
+
+    A padding query row that sees nothing gets a uniform (finite) row instead of NaNs.
+    """
+    length = key_valid.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=key_valid.device).tril()
+    allowed = causal[None, None] & key_valid.bool()[:, None, None, :]
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index that drops unkept positions and left-pads every row to the longest survivor.
+
+    Order is preserved and each row is right-aligned, so the last real token stays last (what
+    generation reads).
+
+    Args:
+        keep: (B, L) bool, positions to keep (text, kept vision; padding excluded).
+    Returns:
+        index: (B, L') positions into the old sequence (0 where padding);
+        valid: (B, L') bool, False on the new left padding.
+    """
+    length = keep.shape[-1]
+    new_length = int(keep.sum(-1).max())
+    position = torch.arange(length, device=keep.device).expand_as(keep)
+    # Unkept positions become -1 and sort first; the kept ones follow in their original order.
+    ordered = torch.sort(torch.where(keep, position, -1), dim=-1).values[:, length - new_length :]
+    valid = ordered >= 0
+    return ordered.clamp_min(0), valid
+
+
+def gather_positions(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather ``tensor`` (B, ..., L, ...) along its sequence dimension ``dim`` with a (B, L') index."""
+    view = [index.shape[0]] + [1] * (tensor.dim() - 1)
+    view[dim] = index.shape[1]
+    target = list(tensor.shape)
+    target[dim] = index.shape[1]
+    return torch.gather(tensor, dim, index.reshape(view).expand(target))

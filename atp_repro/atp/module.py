@@ -1,0 +1,105 @@
+"""One ATP module: scores -> instance thresholds -> keep decision (soft or hard).
+
+The module owns only small parameters (its threshold network and, for ``learned2d``, a grid
+embedding); everything it needs from the language model arrives as tensors, so it can be tested
+without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ATPConfig
+from .masks import combine_keep, hard_keep, soft_keep, top_k_keep
+from .positions import LearnedGridEmbedding
+from .scores import cross_modality_importance, normalise_scores, redundancy_score, self_modality_importance
+from .thresholds import ThresholdNetwork, num_threshold_features, threshold_features
+
+
+@dataclass
+class ModuleDecision:
+    """What one module decided for a batch (sequence layout, shapes (B, L) unless stated)."""
+
+    self_importance: torch.Tensor
+    cross_importance: torch.Tensor
+    redundancy: torch.Tensor
+    spatial: torch.Tensor
+    theta_r: torch.Tensor  # (B,)
+    theta_s: torch.Tensor  # (B,)
+    keep: torch.Tensor  # bool: vision tokens alive after the module (hard decision)
+    keep_value: torch.Tensor | None  # float D after the module (soft path only)
+
+
+class ATPModule(nn.Module):
+    """Adaptive pruning after one decoder layer."""
+
+    def __init__(self, config: ATPConfig, index: int, hidden_size: int, grid_size: int) -> None:
+        super().__init__()
+        self.index = index
+        self.fixed_keep = None if config.fixed_keep is None else config.fixed_keep[index]
+        self.temperature = config.temperature
+        self.ste_temperature = config.ste_temperature
+        self.normalisation = config.score_normalisation
+        self.quantiles = config.threshold_quantiles
+        self.threshold_net = ThresholdNetwork(
+            num_threshold_features(config.threshold_quantiles),
+            config.threshold_hidden,
+            config.init_keep_threshold,
+            config.init_spatial_threshold,
+        )
+        self.grid_embedding = (
+            LearnedGridEmbedding(grid_size, hidden_size) if config.position_encoding == "learned2d" else None
+        )
+
+    def decide(
+        self,
+        column_sums: torch.Tensor,
+        vision_weight: torch.Tensor,
+        prompt_weight: torch.Tensor,
+        spatial: torch.Tensor,
+        is_vision: torch.Tensor,
+        alive: torch.Tensor,
+        initial_count: int,
+        keep_value: torch.Tensor | None,
+    ) -> ModuleDecision:
+        """Decide which vision tokens survive.
+
+        Args:
+            column_sums: (B, L, 2) attention received, weighted by vision / prompt queries.
+            vision_weight, prompt_weight: (B, L) query weights used for ``column_sums``.
+            spatial: (B, L) spatial scores S_s (0 for text).
+            is_vision: (B, L) bool, vision positions (alive or not) of real (non-padding) tokens.
+            alive: (B, L) bool, vision tokens alive before this module.
+            initial_count: vision tokens per sample before any module (N_0).
+            keep_value: (B, L) soft keep values D_prev (soft path) or None (hard path).
+        """
+        s_self = self_modality_importance(column_sums[..., 0], vision_weight)
+        s_cross = cross_modality_importance(column_sums[..., 1], prompt_weight)
+        n_self = normalise_scores(s_self, alive, self.normalisation)
+        n_cross = normalise_scores(s_cross, alive, self.normalisation)
+        redundancy = redundancy_score(n_self, n_cross)
+        kept_fraction = alive.sum(-1).float() / initial_count
+        # The threshold network reads the score distribution, not the scores' gradient path.
+        features = threshold_features(n_self.detach(), n_cross.detach(), alive, kept_fraction, self.quantiles)
+        theta_r, theta_s = self.threshold_net(features)
+
+        if self.fixed_keep is not None:
+            keep = top_k_keep(redundancy, alive, self.fixed_keep)
+            mask = keep.float()
+        else:
+            keep = hard_keep(redundancy, spatial, theta_r, theta_s, alive)
+            mask = None
+            if keep_value is not None:
+                mask = combine_keep(
+                    soft_keep(redundancy, theta_r, self.temperature, self.ste_temperature),
+                    soft_keep(spatial, theta_s, self.temperature, self.ste_temperature),
+                )
+        new_keep_value = None
+        if keep_value is not None:
+            # D = D_prev * M accumulates on vision positions; text keeps D = 1.
+            new_keep_value = torch.where(is_vision, keep_value * mask, keep_value)
+            keep = is_vision & (new_keep_value > 0.5)
+        return ModuleDecision(s_self, s_cross, redundancy, spatial, theta_r, theta_s, keep, new_keep_value)

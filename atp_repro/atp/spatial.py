@@ -1,0 +1,59 @@
+"""Spatial augmented pruning: scores from nested uniform sampling grids (pure tensor functions).
+
+Pruning by attention alone can empty whole image regions. Spatial augmented pruning protects a
+uniform skeleton of tokens: grids with strides such as 2, 3, 4, 6, 8, 12 sample the original
+G x G vision grid. A token's spatial score is 1 - lambda_sample * R for the *sparsest* grid that
+contains it (R = 1 / stride^2 is that grid's sampling rate), so the tokens of the sparsest grid
+score highest and survive first; tokens on no grid score 0.
+
+All grids share one offset, which makes them nested (a grid of stride s' contains every grid whose
+stride is a multiple of s'); the offset centres the sparsest grid in the image (choice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grid_offset(grid_size: int, strides: tuple[int, ...]) -> int:
+    """Common offset of all sampling grids: centres the sparsest grid that fits in the image."""
+    fitting = [s for s in strides if s <= grid_size] or [min(strides)]
+    sparsest = max(fitting)
+    return ((grid_size - 1) % sparsest) // 2
+
+
+def sparsest_stride(grid_size: int, strides: tuple[int, ...]) -> torch.Tensor:
+    """(G*G,) LongTensor: for each token (row-major), the largest stride of a grid containing it, 0 if none."""
+    offset = grid_offset(grid_size, strides)
+    coords = torch.arange(grid_size)
+    best = torch.zeros(grid_size, grid_size, dtype=torch.long)
+    for stride in sorted(strides):  # ascending: later (sparser) grids overwrite
+        on_axis = (coords - offset) % stride == 0
+        on_grid = on_axis[:, None] & on_axis[None, :]
+        best = torch.where(on_grid, torch.full_like(best, stride), best)
+    return best.flatten()
+
+
+def spatial_scores(grid_size: int, strides: tuple[int, ...], lambda_sample: float) -> torch.Tensor:
+    """(G*G,) float spatial score S_s of every token of the original grid, row-major.
+
+    >>> s = spatial_scores(24, (2, 3, 4, 6, 8, 12), 2.0)
+    >>> float(s.max()) < 1.0 and float(s.min()) == 0.0
+    True
+    """
+    if not 0 < lambda_sample <= 4:
+        raise ValueError(f"lambda_sample={lambda_sample} must lie in (0, 4] so that scores stay in [0, 1)")
+    stride = sparsest_stride(grid_size, strides).float()
+    rate = torch.where(stride > 0, 1.0 / stride.clamp_min(1.0) ** 2, torch.zeros_like(stride))
+    return torch.where(stride > 0, 1.0 - lambda_sample * rate, torch.zeros_like(stride))
+
+
+def grid_size_for(num_vision_tokens: int) -> int:
+    """Side G of a square G x G vision grid with ``num_vision_tokens`` tokens."""
+    side = int(round(num_vision_tokens**0.5))
+    if side * side != num_vision_tokens:
+        raise ValueError(
+            f"ATP needs a square vision grid; got {num_vision_tokens} image tokens per sample, "
+            "which is not a perfect square"
+        )
+    return side

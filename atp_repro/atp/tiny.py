@@ -1,0 +1,72 @@
+"""Tiny random-weight LLaVA models built from config classes (tests, examples, timing shapes).
+
+Nothing is downloaded: the model is ``LlavaForConditionalGeneration`` with a small CLIP vision
+tower and a small Llama decoder, and inputs are random token ids around a contiguous image span.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 4
+PAD_TOKEN_ID = 0
+VOCAB_SIZE = 128
+
+
+def tiny_llava(
+    num_layers: int = 6,
+    grid: int = 8,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A random LLaVA with a ``grid`` x ``grid`` vision grid (patch 4) and ``num_layers`` decoder layers."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=grid * 4, patch_size=4),
+        text_config=LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=num_layers, num_attention_heads=heads,
+                                num_key_value_heads=kv_heads or heads, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=PAD_TOKEN_ID, max_position_embeddings=1024),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=grid * grid,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random weights give near-uniform attention; sharpen it so that scores differ between tokens.
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+def tiny_inputs(
+    model: LlavaForConditionalGeneration,
+    prefix_lengths: tuple[int, ...] = (3,),
+    prompt_lengths: tuple[int, ...] = (6,),
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A left-padded batch: [pad][bos prefix][image span][prompt] per sample, with pixel values."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    num_vision = grid * grid
+    rows = []
+    for prefix, prompt in zip(prefix_lengths, prompt_lengths):
+        text = torch.randint(5, VOCAB_SIZE, (prefix + prompt,), generator=generator)
+        rows.append(torch.cat([torch.tensor([1]), text[: prefix - 1], torch.full((num_vision,), IMAGE_TOKEN_ID),
+                               text[prefix - 1:]]))
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = row
+        attention_mask[i, length - len(row):] = 1
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(len(rows), 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}

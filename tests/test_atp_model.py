@@ -1,0 +1,164 @@
+"""Equivalence and behaviour tests of ATP on transformers' own LlavaForConditionalGeneration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atp_repro import ATPConfig, apply_atp, atp_parameters, budget_loss, last_atp_record, token_counts
+from atp_repro.atp.tiny import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
+
+LAYERS = (1, 2, 3)
+
+
+def set_thresholds(model, theta_r: float, theta_s: float = 0.999) -> None:
+    """Make every module's threshold network output constants (zero weights, chosen biases)."""
+    for module in model.model.language_model.atp_modules:
+        net = module.threshold_net
+        with torch.no_grad():
+            net.redundancy_head.weight.zero_()
+            net.spatial_head.weight.zero_()
+            net.redundancy_head.bias.fill_(math.log(theta_r / (1 - theta_r)))
+            net.spatial_head.bias.fill_(math.log(theta_s / (1 - theta_s)))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_keeping_everything_reproduces_the_stock_model(impl):
+    stock = tiny_llava(attn_implementation=impl)
+    model = apply_atp(tiny_llava(attn_implementation=impl), ATPConfig(module_layers=LAYERS, fixed_keep=(64, 99, 64)))
+    inputs = tiny_inputs(stock, prefix_lengths=(3, 5), prompt_lengths=(6, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, atol=1e-5, rtol=0)
+    expected = stock.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+    assert token_counts(model).tolist() == [[64] * 6, [64] * 6]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_fixed_keep_counts_and_cached_generation_equals_recomputation(impl):
+    model = apply_atp(tiny_llava(attn_implementation=impl), ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8)))
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert token_counts(model).tolist() == [[64, 64, 32, 16, 8, 8]]
+    with_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    without_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_kv_cache_shrinks_after_each_module():
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8)))
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    text = inputs["input_ids"].shape[1] - 64
+    lengths = [out.past_key_values.get_seq_length(i) for i in range(6)]
+    assert lengths == [64 + text, 64 + text, 32 + text, 16 + text, 8 + text, 8 + text]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_left_padded_batch_equals_single_runs_with_different_counts(impl):
+    model = apply_atp(tiny_llava(attn_implementation=impl, seed=1), ATPConfig(module_layers=LAYERS))
+    set_thresholds(model, theta_r=0.45)
+    batch = tiny_inputs(model, prefix_lengths=(2, 4, 3), prompt_lengths=(7, 3, 5), seed=3)
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    batch_counts = token_counts(model)
+    assert len(set(batch_counts[:, -1].tolist())) > 1, "thresholds should keep different counts per sample"
+    for i in range(3):
+        keep = batch["attention_mask"][i].bool()
+        single = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep],
+                  "pixel_values": batch["pixel_values"][i : i + 1]}
+        out = model.generate(**single, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out[0, -6:], generated[i, -6:]), f"sample {i} differs"
+        assert torch.equal(token_counts(model)[0], batch_counts[i])
+
+
+@pytest.mark.parametrize("ste", [True, False])
+def test_soft_path_gradients_reach_thresholds_and_language_model(ste):
+    config = ATPConfig(module_layers=LAYERS, temperature=1e6 if ste else 20.0, ste_temperature=10.0 if ste else None,
+                       n_target=20)
+    model = apply_atp(tiny_llava(attn_implementation="eager"), config).train()
+    set_thresholds(model, theta_r=0.3, theta_s=0.9)
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 4))
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    out = model(**inputs, labels=labels)
+    loss = out.loss + budget_loss(model)
+    loss.backward()
+    threshold_grads = [p.grad for p in atp_parameters(model) if p.grad is not None]
+    assert threshold_grads and any(float(g.abs().sum()) > 0 for g in threshold_grads)
+    lm_grad = model.model.language_model.layers[0].mlp.up_proj.weight.grad
+    assert lm_grad is not None and float(lm_grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_soft_path_at_large_temperature_keeps_the_hard_set(impl):
+    model = apply_atp(tiny_llava(attn_implementation=impl, seed=2), ATPConfig(module_layers=LAYERS, temperature=1e6))
+    set_thresholds(model, theta_r=0.4, theta_s=0.95)
+    inputs = tiny_inputs(model, prefix_lengths=(3, 5), prompt_lengths=(6, 3), seed=5)
+    with torch.no_grad():
+        model.eval()
+        model(**inputs)
+        hard = last_atp_record(model)
+        model.train()
+        model(**inputs)
+        soft = last_atp_record(model)
+    assert soft.soft and not hard.soft
+    for m in range(len(LAYERS)):
+        for b in range(2):
+            assert torch.equal(soft.kept_vision_indices[m][b], hard.kept_vision_indices[m][b]), (m, b)
+    assert torch.equal(soft.token_counts, hard.token_counts)
+    assert 0 < hard.token_counts[:, -1].min() < 64
+
+
+def test_scores_equal_a_direct_computation_from_output_attentions():
+    stock = tiny_llava(attn_implementation="eager")
+    inputs = tiny_inputs(stock, prefix_lengths=(3, 5), prompt_lengths=(6, 2), seed=4)
+    with torch.no_grad():
+        attentions = stock(**inputs, output_attentions=True).attentions
+    for backend in ("eager", "fast"):
+        model = apply_atp(tiny_llava(attn_implementation="sdpa"),
+                          ATPConfig(module_layers=(1, 3, 4), fixed_keep=(64, 64, 64), scoring_backend=backend))
+        with torch.no_grad():
+            model(**inputs)
+        record = last_atp_record(model)
+        for m, layer in enumerate((1, 3, 4)):
+            probs = attentions[layer].mean(1)  # (B, L, L), head average
+            for b in range(2):
+                ids = inputs["input_ids"][b]
+                valid = inputs["attention_mask"][b].bool()
+                vision = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+                prompt = ((torch.arange(len(ids)) > vision.max()) & valid).nonzero().flatten()
+                self_direct = torch.stack([probs[b, vision[vision >= k], k].mean() for k in vision])
+                cross_direct = probs[b][prompt][:, vision].mean(0)
+                expected = 0.5 * (_minmax(self_direct) + _minmax(cross_direct))
+                got = record.redundancy[m][b][vision]
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="module_layers"):
+        apply_atp(tiny_llava(num_layers=4), ATPConfig(module_layers=(1, 2, 5)))
+    with pytest.raises(ValueError, match="fixed_keep"):
+        ATPConfig(module_layers=LAYERS, fixed_keep=(8, 4))
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS))
+    inputs = tiny_inputs(model, prefix_lengths=(3, 3), prompt_lengths=(6, 6))
+    no_image = {"input_ids": torch.randint(5, 100, (1, 12))}
+    with pytest.raises(ValueError, match="image token span"):
+        model(**no_image)
+    text_only_sample = dict(inputs)
+    text_only_sample["input_ids"] = inputs["input_ids"].clone()
+    text_only_sample["input_ids"][1][text_only_sample["input_ids"][1] == IMAGE_TOKEN_ID] = 7
+    text_only_sample["pixel_values"] = inputs["pixel_values"][:1]
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\]"):
+        model(**text_only_sample)
+    flash = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS)).train()
+    flash.model.language_model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="additive float masks"):
+        flash(**inputs)
