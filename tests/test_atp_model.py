@@ -75,11 +75,11 @@ def test_left_padded_batch_equals_single_runs_with_different_counts(impl):
         assert torch.equal(token_counts(model)[0], batch_counts[i])
 
 
-@pytest.mark.parametrize("ste", [True, False])
-def test_soft_path_gradients_reach_thresholds_and_language_model(ste):
+@pytest.mark.parametrize("ste, impl", [(True, "eager"), (False, "eager"), (True, "sdpa")])
+def test_soft_path_gradients_reach_thresholds_and_language_model(ste, impl):
     config = ATPConfig(module_layers=LAYERS, temperature=1e6 if ste else 20.0, ste_temperature=10.0 if ste else None,
                        n_target=20)
-    model = apply_atp(tiny_llava(attn_implementation="eager"), config).train()
+    model = apply_atp(tiny_llava(attn_implementation=impl), config).train()
     set_thresholds(model, theta_r=0.3, theta_s=0.9)
     inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 4))
     labels = inputs["input_ids"].clone()
@@ -136,6 +136,38 @@ def test_scores_equal_a_direct_computation_from_output_attentions():
                 expected = 0.5 * (_minmax(self_direct) + _minmax(cross_direct))
                 got = record.redundancy[m][b][vision]
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("encoding", ["rope2d", "learned2d"])
+def test_pruning_position_encodings_generate_consistently_and_learn(encoding):
+    config = ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8), position_encoding=encoding)
+    model = apply_atp(tiny_llava(), config)
+    inputs = tiny_inputs(model, prefix_lengths=(3, 5), prompt_lengths=(6, 2))
+    with_cache = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(with_cache, model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False))
+    if encoding == "learned2d":
+        model.train()
+        labels = inputs["input_ids"].clone()
+        labels[:, :-3] = -100
+        model(**inputs, labels=labels).loss.backward()
+        embedding = model.model.language_model.atp_modules[0].grid_embedding
+        assert float(embedding.row.weight.grad.abs().sum()) > 0
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from atp_repro import load_atp_pretrained, save_atp_pretrained
+
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, position_encoding="learned2d"))
+    with torch.no_grad():
+        for parameter in atp_parameters(model):
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    save_atp_pretrained(model, tmp_path)
+    loaded = load_atp_pretrained(tmp_path, LlavaForConditionalGeneration).eval()
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

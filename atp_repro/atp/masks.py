@@ -74,7 +74,7 @@ def attention_log_bias(
     soft path that keeps everything is the stock model.
     """
     length = keep_value.shape[-1]
-    column = torch.log(keep_value.float() + eps) - torch.log1p(torch.tensor(eps))
+    column = torch.log(keep_value.float() + eps) - torch.log(torch.ones((), device=keep_value.device) + eps)
     column = torch.where(is_vision, column, torch.zeros_like(column))  # (B, L)
     bias = column[:, None, None, :].expand(-1, 1, length, length)
     off_diagonal = ~torch.eye(length, dtype=torch.bool, device=keep_value.device)
