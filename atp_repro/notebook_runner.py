@@ -226,9 +226,12 @@ def plan_runs(
         for name in only:
             stem = Path(name).stem
             if stem not in by_stem:
-                close = difflib.get_close_matches(stem, list(by_stem), n=1)
+                close = [s for s in by_stem if s.startswith(stem)]
+                close = close or difflib.get_close_matches(stem, list(by_stem), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"only={name!r}: no such notebook{hint} Known: {sorted(by_stem)}")
+                raise ValueError(
+                    f"only={name!r}: no such notebook{hint} (known: {', '.join(sorted(by_stem))})"
+                )
         wanted = {Path(n).stem for n in only}
         notebooks = [nb for nb in notebooks if nb.stem in wanted]
     out_folder = executed_to or executed_dir(profile)

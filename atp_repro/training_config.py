@@ -154,9 +154,6 @@ def _validate_fields(obj: Any) -> None:
         if not _check_type(value, tp):
             got = type(value).__name__
             raise ConfigError(f.name, f"{value!r} has type {got}; expected {_type_name(tp)}")
-        if hints[f.name] is float and isinstance(value, int):
-            object.__setattr__(obj, f.name, float(value))
-            value = float(value)
         items = value if isinstance(value, tuple) else (value,)
         allowed = _range_text(f.metadata)
         for item in items:
@@ -172,6 +169,8 @@ def _validate_fields(obj: Any) -> None:
                 raise ConfigError(
                     f.name, f"{value!r} is out of range; must be {allowed or 'finite'}"
                 )
+        if tp is float and isinstance(value, int):
+            object.__setattr__(obj, f.name, float(value))  # an int is fine where a float is asked
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +335,7 @@ class TrainingConfig:
         if self.atp.n_target > n0:
             raise ConfigError(
                 "atp.n_target",
-                f"{self.atp.n_target} is out of range; must be >= 1 and <= the number of vision "
+                f"{self.atp.n_target:g} is out of range; must be >= 1 and <= the number of vision "
                 f"tokens model.vision_grid^2 = {n0}",
             )
         if max(self.atp.grid_strides) > self.model.vision_grid:
@@ -448,8 +447,8 @@ def _leaf_keys(cls: type[TrainingConfig]) -> list[str]:
 
 def _unknown_key_message(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"unknown key.{hint} Allowed keys: {', '.join(allowed)}"
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key{hint} (allowed keys: {', '.join(allowed)})"
 
 
 # --------------------------------------------------------------------------------------------
