@@ -64,12 +64,10 @@ nbval: $(STAMP) ## nbval (lax) over the smoke-executed notebooks
 lab: $(STAMP) ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-lint: $(STAMP) ## ruff (code and notebooks)
+lint: $(STAMP) ## ruff check (code and notebooks)
 	$(VPY) -m ruff check .
-	$(VPY) -m ruff format --check atp_repro tests
 
-format: $(STAMP) ## ruff format and fix
-	$(VPY) -m ruff format atp_repro tests
+format: $(STAMP) ## ruff: apply safe fixes (imports, upgrades)
 	$(VPY) -m ruff check --fix .
 
 clean: ## remove build products and caches (keeps .venv, tables/, figures/ and trained artifacts)

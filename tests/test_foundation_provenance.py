@@ -1,0 +1,56 @@
+"""Run provenance sidecars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from atp_repro import provenance
+
+
+def test_track_run_writes_a_complete_sidecar(tmp_path: Path) -> None:
+    out = tmp_path / "tables" / "x.csv"
+    with provenance.track_run(
+        "x", config={"lr": 1e-4}, parameters={"n": 2}, seed=7, output_dir=tmp_path
+    ) as run:
+        out.write_text("a,b\n1,2\n")
+        run.add_output(out)
+        run.record(attention_backend="sdpa", dtype="bf16", threads=2)
+    record = json.loads((tmp_path / "tables" / "x.provenance.json").read_text())
+    assert record["status"] == "ok" and record["name"] == "x"
+    assert record["run_id"].startswith("x-")
+    assert (
+        record["seed"] == 7
+        and record["config"] == {"lr": 1e-4}
+        and record["parameters"] == {"n": 2}
+    )
+    assert record["attention_backend"] == "sdpa" and record["dtype"] == "bf16"
+    assert record["extra"] == {"threads": 2}
+    assert record["wall_time_s"] >= 0 and record["started_at"] and record["finished_at"]
+    assert record["packages"]["torch"] and record["packages"]["python"]
+    assert record["device"]["device"] in ("cpu", "cuda")
+    assert set(record["git"]) == {"commit", "branch", "dirty"}
+    assert record["outputs"] == {str(out): provenance.file_sha256(out)}
+
+
+def test_failed_run_is_recorded_and_the_error_propagates(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="boom"), provenance.track_run("y", output_dir=tmp_path):
+        raise RuntimeError("boom")
+    record = json.loads((tmp_path / "tables" / "y.provenance.json").read_text())
+    assert record["status"] == "failed"
+
+
+def test_run_ids_are_unique() -> None:
+    assert provenance.new_run_id("a") != provenance.new_run_id("a")
+
+
+def test_git_info_of_this_checkout(repo_root: Path) -> None:
+    info = provenance.git_info(repo_root)
+    if info["commit"] is not None:
+        assert len(info["commit"]) == 40 and isinstance(info["dirty"], bool)
+
+
+def test_git_info_outside_git(tmp_path: Path) -> None:
+    assert provenance.git_info(tmp_path)["commit"] is None
