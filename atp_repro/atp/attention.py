@@ -29,8 +29,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from .scores import weighted_column_sums, weighted_column_sums_from_qk
 
 SCORING_IMPLEMENTATION = "atp_scoring"
-# Backends whose kernels never expose attention probabilities.
-_FAST_ONLY = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+# Attention implementations whose masks ATP can read (flex attention's BlockMask is not one of them).
+SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 def to_additive_mask(
@@ -114,26 +114,38 @@ AttentionInterface.register(SCORING_IMPLEMENTATION, atp_scoring_attention)
 
 
 def resolve_scoring_backend(choice: str, model_implementation: str | None) -> bool:
-    """True if pruning layers should run eager attention (and read its map), False for fast scoring."""
+    """True if pruning layers should run eager attention (and read its map), False for fast scoring.
+
+    ``auto`` reads the map when the model already runs eager, and otherwise keeps its fast kernel.
+    """
     impl = model_implementation or "eager"
-    if choice == "eager":
-        return True
-    if choice == "fast":
-        return False
-    if choice == "auto":
-        return impl not in _FAST_ONLY and impl == "eager"
-    raise ValueError(f"scoring_backend={choice!r} is not one of ('auto', 'eager', 'fast')")
+    if impl not in SUPPORTED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"ATP scoring supports models whose attn_implementation is one of {SUPPORTED_IMPLEMENTATIONS}; "
+            f"got {impl!r}"
+        )
+    if choice not in ("auto", "eager", "fast"):
+        raise ValueError(f"scoring_backend={choice!r} is not one of ('auto', 'eager', 'fast')")
+    return choice == "eager" or (choice == "auto" and impl == "eager")
 
 
 @contextlib.contextmanager
-def scoring_attention(config, request: ScoreRequest) -> Iterator[None]:
-    """Route one decoder layer's attention through ``atp_scoring`` and restore the config after."""
+def scoring_attention(config, layer: torch.nn.Module, request: ScoreRequest) -> Iterator[None]:
+    """Route one decoder layer's attention through ``atp_scoring`` and restore the config after.
+
+    The pruning layer is not gradient-checkpointed: a recomputation in the backward pass would run
+    outside this context, with a different attention function (3 layers of a deep model, so the
+    memory cost is small).
+    """
     previous = config._attn_implementation
+    checkpointing = getattr(layer, "gradient_checkpointing", False)
     request.base_name = previous if previous in ALL_ATTENTION_FUNCTIONS else "sdpa"
     if previous in (None, "eager"):
         request.use_eager = True
     config._attn_implementation = SCORING_IMPLEMENTATION
+    layer.gradient_checkpointing = False
     try:
         yield
     finally:
         config._attn_implementation = previous
+        layer.gradient_checkpointing = checkpointing

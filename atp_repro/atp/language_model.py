@@ -184,7 +184,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             vision_weight = is_vision.float()
         request = ScoreRequest(torch.stack([vision_weight, seq.is_prompt.float()], -1), _vision_columns(is_vision),
                                use_eager)
-        with scoring_attention(model.config, request):
+        with scoring_attention(model.config, layer, request):
             seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
         start = time.perf_counter()
         spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
