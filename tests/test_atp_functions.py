@@ -209,3 +209,13 @@ def test_rope2d_leaves_text_tokens_unchanged():
     # Vision token (row 1, col 0) and (row 0, col 1) differ in the row / col sections.
     assert not torch.allclose(cos[0, 3], cos[0, 4])
     assert sin.shape == cos.shape == (1, 10, 16)
+
+
+def test_real_scale_training_config_builds_the_paper_atp_config():
+    from atp_repro.paths import repo_root
+    from atp_repro.training_config import load_training_config
+
+    training = load_training_config(repo_root() / "configs" / "llava15_7b_atp.yaml")
+    config = ATPConfig(**training.atp_kwargs())
+    assert config.module_layers == (4, 14, 24)
+    assert (config.n_target, config.lambda_atp, config.lambda_target, config.temperature) == (130, 0.1, 0.2, 1e6)
