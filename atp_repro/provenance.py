@@ -5,12 +5,15 @@ Every result file ``tables/<name>.csv`` (or ``figures/<name>.png``) gets
 device, dtype, attention backend, seed, wall-time and the SHA-256 of each output. Timestamps
 and run ids live only here, never in the tables, so two identical runs give identical tables.
 
-Usage::
+Usage, in one block::
 
     with track_run("supp_table6_sweep", config=cfg.to_dict(), seed=0) as run:
         ...  # compute and write outputs
         run.add_output(path)                     # hashed into the sidecar
         run.record(attention_backend="sdpa")     # anything else worth keeping
+
+or across notebook cells: ``run = start_run(...)`` in the first cell after the parameters,
+``run.finish()`` in the last one.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "device_info",
     "environment_info",
     "file_sha256",
+    "start_run",
     "track_run",
     "write_provenance",
 ]
@@ -76,9 +80,7 @@ def git_info(root: Path | None = None) -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            )
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()
@@ -166,6 +168,8 @@ class RunRecord:
     status: str = "running"
     outputs: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    _start: float = field(default=0.0, repr=False)
+    _sidecar: Path | None = field(default=None, repr=False)
 
     def add_output(self, path: str | os.PathLike[str]) -> None:
         """Register an output file; its SHA-256 is taken when the run finishes."""
@@ -177,6 +181,17 @@ class RunRecord:
             if key in values:
                 setattr(self, key, values.pop(key))
         self.extra.update(values)
+
+    def finish(self, status: str = "ok") -> Path:
+        """Stop the clock, hash the registered outputs and write the sidecar (atomically)."""
+        if self._sidecar is None:
+            raise RuntimeError("finish() needs a run started with start_run() or track_run()")
+        self.status = status
+        self.wall_time_s = round(time.perf_counter() - self._start, 3)
+        self.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for p in self.outputs:
+            self.outputs[p] = file_sha256(p) if Path(p).is_file() else "missing"
+        return write_provenance(self, self._sidecar)
 
     def to_dict(self) -> dict[str, Any]:
         root = paths.repo_root()
@@ -217,6 +232,24 @@ def write_provenance(record: RunRecord, path: str | os.PathLike[str]) -> Path:
     return paths.atomic_write_text(path, text)
 
 
+def start_run(
+    name: str,
+    *,
+    config: Mapping[str, Any] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    sidecar: str | os.PathLike[str] | None = None,
+) -> RunRecord:
+    """Start timing a run that spans several notebook cells; end it with
+    :meth:`RunRecord.finish`, which writes ``tables/<name>.provenance.json``."""
+    record = RunRecord(name=name, run_id=new_run_id(name), config=config, parameters=parameters, seed=seed)
+    record.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record._start = time.perf_counter()
+    record._sidecar = Path(sidecar) if sidecar else paths.tables_dir(output_dir) / f"{name}.provenance.json"
+    return record
+
+
 @contextmanager
 def track_run(
     name: str,
@@ -232,21 +265,10 @@ def track_run(
     The sidecar is written also when the block raises (``status: "failed"``), then the error
     propagates. Outputs registered with :meth:`RunRecord.add_output` are hashed at the end.
     """
-    record = RunRecord(
-        name=name, run_id=new_run_id(name), config=config, parameters=parameters, seed=seed
-    )
-    record.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    start = time.perf_counter()
-    target = Path(sidecar) if sidecar else paths.tables_dir(output_dir) / f"{name}.provenance.json"
+    record = start_run(name, config=config, parameters=parameters, seed=seed, output_dir=output_dir, sidecar=sidecar)
     try:
         yield record
-        record.status = "ok"
     except BaseException:
-        record.status = "failed"
+        record.finish("failed")
         raise
-    finally:
-        record.wall_time_s = round(time.perf_counter() - start, 3)
-        record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for p in record.outputs:
-            record.outputs[p] = file_sha256(p) if Path(p).is_file() else "missing"
-        write_provenance(record, target)
+    record.finish("ok")

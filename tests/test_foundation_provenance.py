@@ -54,3 +54,12 @@ def test_git_info_of_this_checkout(repo_root: Path) -> None:
 
 def test_git_info_outside_git(tmp_path: Path) -> None:
     assert provenance.git_info(tmp_path)["commit"] is None
+
+
+def test_run_spanning_several_cells(tmp_path: Path) -> None:
+    run = provenance.start_run("z", parameters={"a": 1}, output_dir=tmp_path)
+    sidecar = run.finish()
+    assert sidecar == tmp_path / "tables" / "z.provenance.json"
+    assert json.loads(sidecar.read_text())["status"] == "ok"
+    with pytest.raises(RuntimeError, match="start_run"):
+        provenance.RunRecord(name="n", run_id="r").finish()
