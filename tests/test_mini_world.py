@@ -1,0 +1,164 @@
+"""Mini world: scenes, questions, tokenizer, data, model builder (fast, no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atp_repro.mini.data import IGNORE_INDEX, Collator, MiniVQA, make_sample
+from atp_repro.mini.model import MiniModelConfig, build_model
+from atp_repro.mini.questions import FAMILIES, answer_space, make_question, relation, vocabulary
+from atp_repro.mini.scenes import SceneConfig, SceneObject, busy_patch_fraction, generate_scene
+from atp_repro.mini.tokenizer import build_tokenizer, decode_answer, encode_words
+
+TINY = MiniModelConfig(vision_hidden=32, vision_layers=2, vision_ffn=64, lm_hidden=32, lm_ffn=64,
+                       lm_heads=2, vision_heads=2, lm_layers=8)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_scenes_are_deterministic_and_vary():
+    a = generate_scene(np.random.default_rng(5))
+    b = generate_scene(np.random.default_rng(5))
+    assert a == b and np.array_equal(a.image, b.image)
+    scenes = [generate_scene(np.random.default_rng(i)) for i in range(200)]
+    n = [len(s.objects) for s in scenes]
+    assert min(n) == 1 and max(n) == 8
+    assert {s.background for s in scenes} == {"plain", "stripes", "checker", "dots"}
+    assert any(s.text is not None for s in scenes) and any(s.text is None for s in scenes)
+    simple = [s for s in scenes if s.complexity == 1]
+    assert simple, "some scenes must be one object on a flat background"
+    assert all(s.image.shape == (96, 96, 3) and s.image.dtype == np.uint8 for s in scenes)
+
+
+def test_scene_objects_do_not_overlap():
+    for i in range(50):
+        s = generate_scene(np.random.default_rng(i))
+        for j, a in enumerate(s.objects):
+            for b in s.objects[j + 1 :]:
+                assert abs(a.x - b.x) > 0.5 * (a.radius + b.radius) or abs(a.y - b.y) > 0.5 * (a.radius + b.radius)
+
+
+def test_scene_config_errors_name_the_parameter():
+    with pytest.raises(ValueError, match="max_objects"):
+        SceneConfig(min_objects=3, max_objects=2)
+    with pytest.raises(ValueError, match="p_text"):
+        SceneConfig(p_text=2.0)
+
+
+def test_busy_fraction_flat_vs_cluttered():
+    flat = np.full((96, 96, 3), 128, np.uint8)
+    assert busy_patch_fraction(flat, 12) == 0.0
+    noisy = np.random.default_rng(0).integers(0, 255, (96, 96, 3)).astype(np.uint8)
+    assert busy_patch_fraction(noisy, 12) == 1.0
+
+
+def test_every_family_answerable_and_in_vocabulary(tok):
+    vocab = set(vocabulary())
+    for i in range(60):
+        s = make_sample(0, "train", i)
+        assert s.family == FAMILIES[i % len(FAMILIES)]
+        assert set(s.question.question.split()) <= vocab
+        assert set(s.question.answer.split()) <= vocab
+        encode_words(tok, s.question.question + " " + s.question.answer)
+
+
+def test_questions_are_correct_on_a_known_scene():
+    s = generate_scene(np.random.default_rng(1), require_text=True)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        q = make_question("counting", s, rng)
+        words = q.question.split()
+        if words[2] == "objects":
+            assert q.answer == str(len(s.objects))
+    q = make_question("text", s, rng)
+    assert q.answer.replace(" ", "") == s.text.text
+    for _ in range(20):
+        q = make_question("existence", s, rng)
+        colour, shape = q.question.split()[3:5]
+        assert (q.answer == "yes") == any(o.colour == colour and o.shape == shape for o in s.objects)
+
+
+def test_relation_is_unambiguous():
+    a = SceneObject("circle", "red", "small", 10, 50, 5)
+    b = SceneObject("square", "blue", "small", 80, 52, 5)
+    assert relation(a, b, 12) == "left" and relation(b, a, 12) == "right"
+    c = SceneObject("square", "blue", "small", 14, 54, 5)
+    assert relation(a, c, 12) is None
+
+
+def test_splits_are_fixed_and_distinct():
+    assert make_sample(0, "test", 3).question == make_sample(0, "test", 3).question
+    imgs = [make_sample(0, split, 7).scene.image for split in ("train", "val", "test")]
+    assert not np.array_equal(imgs[0], imgs[1]) and not np.array_equal(imgs[1], imgs[2])
+    with pytest.raises(ValueError, match="split"):
+        make_sample(0, "dev", 0)
+
+
+def test_answer_space_covers_families():
+    for f in FAMILIES:
+        assert answer_space(f)
+    with pytest.raises(ValueError, match="family"):
+        answer_space("ocr")
+
+
+def test_tokenizer_roundtrip(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert tok.image_token_id == 4 and tok.pad_token_id == 0 and tok.eos_token_id == 2
+    ids = encode_words(tok, "what colour is the circle ?")
+    assert decode_answer(tok, encode_words(tok, "K 7") + [tok.eos_token_id, 5]) == "K 7"
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok2.convert_tokens_to_ids("circle") == tok.convert_tokens_to_ids("circle")
+    assert tok2("what colour is the circle ?")["input_ids"] == [tok.bos_token_id] + ids
+    with pytest.raises(ValueError, match="vocabulary"):
+        encode_words(tok, "zebra")
+
+
+def test_collate_train_labels_only_on_answer(tok):
+    ds = MiniVQA("train", 6, tok, n_image_tokens=16)
+    items = [ds[i] for i in range(6)]
+    b = Collator(tok.pad_token_id, "train")(items)
+    for i, it in enumerate(items):
+        n_p, n_a = len(it["prompt_ids"]), len(it["answer_ids"])
+        lab = b["labels"][i]
+        assert (lab[:n_p] == IGNORE_INDEX).all()
+        assert lab[n_p : n_p + n_a].tolist() == it["answer_ids"]
+        assert (lab[n_p + n_a :] == IGNORE_INDEX).all()
+        assert b["attention_mask"][i].sum() == n_p + n_a  # right padding
+        assert (b["input_ids"][i] == tok.image_token_id).sum() == 16
+    g = Collator(tok.pad_token_id, "generate")(items)
+    assert (g["attention_mask"][:, -1] == 1).all()  # left padding: prompts end aligned
+    assert "labels" not in g
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="lm_layers"):
+        MiniModelConfig(lm_layers=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        MiniModelConfig(patch_size=7)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        MiniModelConfig(attn_implementation="flash")
+    assert MiniModelConfig().grid == 12 and MiniModelConfig(patch_size=4).n_image_tokens == 576
+
+
+def test_model_builds_deterministically_and_runs(tok):
+    cfg = TINY.replace(patch_size=24)  # 4x4 grid
+    m1, m2 = build_model(cfg, tok), build_model(cfg, tok)
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert len(m1.model.language_model.layers) == 8
+    ds = MiniVQA("train", 2, tok, cfg.n_image_tokens)
+    b = Collator(tok.pad_token_id)([ds[0], ds[1]])
+    out = m1(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+             labels=b["labels"])
+    assert torch.isfinite(out.loss)
+    g = Collator(tok.pad_token_id, "generate")([ds[0], ds[1]])
+    gen = m1.generate(input_ids=g["input_ids"], attention_mask=g["attention_mask"],
+                      pixel_values=g["pixel_values"], max_new_tokens=2, do_sample=False)
+    assert gen.shape == (2, g["input_ids"].shape[1] + 2)
