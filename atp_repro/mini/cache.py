@@ -1,0 +1,169 @@
+"""Content-addressed artifact cache for trained mini-world models.
+
+An artifact is a folder ``<root>/<name>-<hash12>/`` holding ``model.pt`` (a state dict), the
+tokenizer and ``manifest.json``. The hash is the SHA-256 of the canonical JSON of the artifact's
+*spec* (every config that determines the result, including the parent artifact's hash and
+:data:`CACHE_VERSION`). The manifest is written last, atomically, and stores the spec and the
+SHA-256 of every file, so
+
+* a half-written artifact has no manifest and is rebuilt;
+* a corrupted file (hash mismatch) or a manifest whose spec differs from the request raises
+  :class:`ArtifactError` in :func:`verify_artifact`; :func:`load_or_build` reports it with a
+  warning, deletes the folder and rebuilds. A bad artifact is never silently used.
+
+The root is ``<repo>/.cache/atp-repro`` (git-ignored), or ``$ATP_REPRO_CACHE`` if set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """A cached artifact is corrupted or does not match the requested spec."""
+
+
+def _repo_root() -> Path:
+    try:  # the foundation's helper, once it exists
+        from atp_repro.paths import repo_root  # type: ignore
+
+        return Path(repo_root())
+    except Exception:
+        here = Path(__file__).resolve()
+        for parent in here.parents:
+            if (parent / ".git").exists() or (parent / "pyproject.toml").exists():
+                return parent
+        return here.parents[2]
+
+
+def cache_root() -> Path:
+    env = os.environ.get("ATP_REPRO_CACHE")
+    return Path(env) if env else _repo_root() / ".cache" / "atp-repro"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(canonical_json({"cache_version": CACHE_VERSION, "spec": spec}).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def artifact_dir(name: str, spec: dict, root: Path | None = None) -> Path:
+    return (root or cache_root()) / f"{name}-{spec_hash(spec)[:12]}"
+
+
+def write_manifest(folder: Path, spec: dict, extra: dict | None = None) -> dict:
+    """Hash every file in ``folder`` (except the manifest) and write the manifest atomically."""
+    files = {
+        str(p.relative_to(folder)): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        and "partial" not in p.relative_to(folder).parts
+    }
+    manifest = {"spec": spec, "spec_hash": spec_hash(spec), "files": files, **(extra or {})}
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    return manifest
+
+
+def verify_artifact(folder: Path, spec: dict) -> dict:
+    """Return the manifest if ``folder`` is a complete, intact artifact for ``spec``; else raise."""
+    mpath = folder / MANIFEST
+    if not mpath.exists():
+        raise ArtifactError(f"{folder}: no manifest (incomplete artifact)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{folder}: manifest is not valid JSON ({e})") from e
+    if manifest.get("spec_hash") != spec_hash(spec) or canonical_json(manifest.get("spec")) != canonical_json(
+        json.loads(canonical_json(spec))
+    ):
+        raise ArtifactError(f"{folder}: manifest spec does not match the requested config")
+    for rel, digest in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.exists():
+            raise ArtifactError(f"{folder}: missing file {rel}")
+        if file_sha256(p) != digest:
+            raise ArtifactError(f"{folder}: checksum mismatch for {rel} (corrupted)")
+    return manifest
+
+
+def load_or_build(
+    name: str,
+    spec: dict,
+    build: Callable[[Path], dict | None],
+    *,
+    root: Path | None = None,
+    rebuild_corrupt: bool = True,
+) -> tuple[Path, dict, str]:
+    """Return ``(folder, manifest, status)``; status is ``"hit"``, ``"built"`` or ``"rebuilt"``.
+
+    ``build(folder)`` must write the artifact's files into ``folder`` (it may resume from files it
+    left there earlier) and may return extra manifest fields (metrics, wall-time).
+    """
+    folder = artifact_dir(name, spec, root)
+    status = "built"
+    if (folder / MANIFEST).exists():
+        try:
+            return folder, verify_artifact(folder, spec), "hit"
+        except ArtifactError as e:
+            if not rebuild_corrupt:
+                raise
+            warnings.warn(f"discarding cached artifact: {e}; rebuilding", stacklevel=2)
+            shutil.rmtree(folder)
+            status = "rebuilt"
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = build(folder) or {}
+    manifest = write_manifest(folder, spec, extra)
+    return folder, manifest, status

@@ -1,0 +1,85 @@
+"""``atp-repro train`` and ``atp-repro eval`` for the mini world (auto-registered by atp_repro.cli).
+
+    atp-repro train                          # upper-bound model (cached; resumes if killed)
+    atp-repro train --stage atp              # + ATP fine-tune with configs/mini_world.yaml
+    atp-repro train --stage atp --frozen-lm --tokens-576 88
+    atp-repro eval --stage atp --n-test 600 --out build/eval.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from atp_repro.cli import subcommand
+
+STAGES = ("upper-bound", "atp")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="training config (default configs/mini_world.yaml)")
+    parser.add_argument("--stage", choices=STAGES, default="upper-bound", help="which model (default upper-bound)")
+    parser.add_argument("--steps", type=int, default=None, help="ATP fine-tuning steps")
+    parser.add_argument("--frozen-lm", action="store_true", help="train only the ATP modules")
+    parser.add_argument("--tokens-576", type=float, default=None,
+                        help="token target in 576-equivalents (N_target scaled by 130/144); default: config n_target")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _load(args: argparse.Namespace):
+    from atp_repro.mini import runs
+
+    cfg = runs.load_mini_config(args.config)
+    world = runs.world_from_config(cfg)
+    if args.stage == "upper-bound":
+        return runs.upper_bound(world, progress=not args.no_progress), world
+    changes = {}
+    if args.tokens_576 is not None:
+        changes["n_target"] = runs.tokens_for_576(args.tokens_576 * 130 / 144, world.grid)
+    if args.frozen_lm:
+        changes["position_encoding"] = "original"
+    atp = runs.atp_from_config(cfg, grid=world.grid, **changes)
+    tcfg = runs.finetune_config(cfg, steps=args.steps or runs.FINETUNE_STEPS, frozen_lm=args.frozen_lm or None)
+    return runs.atp_finetune(world, atp, tcfg, progress=not args.no_progress), world
+
+
+@subcommand("train", help="train a mini-world model (upper bound or ATP fine-tune), cached and resumable")
+def _train(parser: argparse.ArgumentParser):
+    _common(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        (_, _, info), _ = _load(args)
+        print(json.dumps({"artifact": str(info.folder), "status": info.status,
+                          "wall_time_s": round(info.wall_time_s, 1),
+                          "final_loss": round(info.manifest.get("final_loss", float("nan")), 4)}, indent=2))
+        return 0
+
+    return run
+
+
+@subcommand("eval", help="evaluate a mini-world model: accuracy per family, Avg. Rate, tokens")
+def _eval(parser: argparse.ArgumentParser):
+    _common(parser)
+    parser.add_argument("--n-test", type=int, default=None, help="test samples (default: world n_test)")
+    parser.add_argument("--out", default=None, help="write per-sample records to this CSV")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro.mini.evaluate import avg_rate, evaluate
+        from atp_repro.mini.runs import upper_bound
+
+        (model, tok, info), world = _load(args)
+        ds = world.dataset("test", n=args.n_test, tokenizer=tok)
+        res = evaluate(model, ds, progress=not args.no_progress)
+        table = res.by_family()
+        if args.stage == "atp":
+            ub_model, _, _ = upper_bound(world, progress=False)
+            ub = evaluate(ub_model, ds).by_family()
+            table["upper_bound"] = ub["accuracy"]
+            print(f"Avg. Rate: {avg_rate(table['accuracy'], ub['accuracy']):.4f}")
+        print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+        print(json.dumps(res.tokens(), indent=2))
+        if args.out:
+            res.records.to_csv(args.out, index=False)
+        return 0
+
+    return run

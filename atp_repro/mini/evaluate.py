@@ -1,0 +1,162 @@
+"""Evaluation of mini-world models: generation, exact match, per-family accuracy, tokens.
+
+Definitions (SPEC §2.1, §7):
+
+* accuracy per family: greedy ``generate`` on the prompt, exact match of the decoded answer words;
+* chance per family: a *blind* baseline that answers every question with the most common answer
+  to that exact question text in the same split (question-aware prior; an upper bound on what a
+  model that ignores the image can score);
+* Avg. Rate: mean over families of accuracy / upper-bound accuracy (the paper's retention rate);
+* Token: vision tokens averaged over all decoder layers and all samples (the paper's definition),
+  also given as a fraction of the grid and as its 576-equivalent (LLaVA-1.5's 24x24 grid);
+* per-sample kept counts per decoder layer (prefill), for instance-adaptivity studies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import Collator, MiniVQA
+from .questions import FAMILIES
+from .tokenizer import decode_answer
+
+LLAVA_TOKENS = 576
+
+
+def has_atp(model: torch.nn.Module) -> bool:
+    try:
+        from atp_repro import atp_parameters  # type: ignore
+
+        return len(atp_parameters(model)) > 0 or getattr(model, "atp_config", None) is not None
+    except Exception:
+        return False
+
+
+def _kept_counts(model: torch.nn.Module, batch_size: int, n_layers: int, n_vision: int) -> np.ndarray:
+    if has_atp(model):
+        from atp_repro import token_counts  # type: ignore
+
+        return token_counts(model).detach().cpu().numpy().astype(np.int64)
+    return np.full((batch_size, n_layers), n_vision, dtype=np.int64)
+
+
+@dataclass
+class EvalResult:
+    records: pd.DataFrame  # one row per sample: meta, prediction, correct, mean_tokens
+    kept: np.ndarray  # (n_samples, n_decoder_layers) vision tokens per layer
+    grid: int
+    seconds: float
+
+    @property
+    def n_vision(self) -> int:
+        return self.grid * self.grid
+
+    def by_family(self) -> pd.DataFrame:
+        return accuracy_by_family(self.records)
+
+    def tokens(self) -> dict[str, float]:
+        return token_summary(self.kept, self.grid)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: MiniVQA,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Greedy generation on every sample of ``dataset``; returns per-sample records and kept counts."""
+    model.eval()
+    tok = dataset.tokenizer
+    collate = Collator(tok.pad_token_id, mode="generate")
+    max_new = max_new_tokens or dataset.scene_cfg.text_length + 1
+    n_layers = model.config.text_config.num_hidden_layers
+    grid = int(round(dataset.n_image_tokens**0.5))
+    rows, kept = [], []
+    t0 = time.perf_counter()
+    starts = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval")
+    for s in starts:
+        batch = collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=max_new,
+            do_sample=False,
+        )
+        counts = _kept_counts(model, len(batch["meta"]), n_layers, dataset.n_image_tokens)
+        gen = out[:, batch["input_ids"].shape[1] :].tolist()
+        for b, meta in enumerate(batch["meta"]):
+            pred = decode_answer(tok, gen[b])
+            rows.append({**meta, "prediction": pred, "correct": pred == meta["answer"],
+                         "mean_tokens": float(counts[b].mean())})
+        kept.append(counts)
+    records = pd.DataFrame(rows)
+    return EvalResult(records, np.concatenate(kept, axis=0), grid, time.perf_counter() - t0)
+
+
+def blind_chance(records: pd.DataFrame) -> pd.Series:
+    """Per family: accuracy of answering each question text with its most common answer."""
+    def family_chance(df: pd.DataFrame) -> float:
+        top = df.groupby("question")["answer"].agg(lambda a: a.value_counts().iloc[0])
+        return float(top.sum() / len(df))
+
+    return records.groupby("family")[["question", "answer"]].apply(family_chance)
+
+
+def accuracy_by_family(records: pd.DataFrame) -> pd.DataFrame:
+    fams = [f for f in FAMILIES if f in set(records["family"])]
+    g = records.groupby("family")
+    df = pd.DataFrame(
+        {
+            "n": g.size(),
+            "accuracy": g["correct"].mean(),
+            "chance": blind_chance(records),
+        }
+    ).loc[fams]
+    df.index.name = "family"
+    return df
+
+
+def avg_rate(acc: pd.Series, upper_bound: pd.Series) -> float:
+    """Mean over families of ``acc / upper_bound`` (families present in both)."""
+    common = [f for f in acc.index if f in upper_bound.index]
+    return float(np.mean([acc[f] / upper_bound[f] for f in common]))
+
+
+def token_summary(kept: np.ndarray, grid: int) -> dict[str, float]:
+    n0 = grid * grid
+    mean = float(kept.mean())
+    return {
+        "tokens": mean,
+        "grid_tokens": float(n0),
+        "fraction_of_grid": mean / n0,
+        "tokens_576_equiv": mean / n0 * LLAVA_TOKENS,
+        "per_sample_std": float(kept.mean(axis=1).std()),
+    }
+
+
+def spearman(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
+    rx = pd.Series(np.asarray(x, dtype=float)).rank().to_numpy()
+    ry = pd.Series(np.asarray(y, dtype=float)).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def complexity_correlation(result: EvalResult) -> dict[str, float]:
+    """Rank correlation of per-sample mean kept tokens with scene-complexity measures."""
+    r = result.records
+    return {col: spearman(r["mean_tokens"], r[col]) for col in ("complexity", "n_elements", "busy_fraction")}

@@ -1,0 +1,227 @@
+"""Cached mini-world runs: the upper-bound model and ATP fine-tunes built on it.
+
+``upper_bound(world)`` and ``atp_finetune(world, atp_cfg, train_cfg)`` return a ready model and a
+:class:`RunInfo`; the first call trains (resuming a killed run from its checkpoint) and stores the
+artifact in the cache, later calls load it after verifying checksums and config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import load_or_build, spec_hash
+from .data import MiniVQA
+from .model import MiniModelConfig, build_model, count_parameters
+from .scenes import SceneConfig
+from .tokenizer import build_tokenizer
+from .train import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class MiniWorldConfig:
+    """Everything that defines the mini world and its upper-bound model."""
+
+    model: MiniModelConfig = MiniModelConfig()
+    scene: SceneConfig = SceneConfig()
+    train: TrainConfig = TrainConfig()
+    n_val: int = 300
+    n_test: int = 600
+    world_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_val", "n_test"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MiniWorldConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.model.image_size != self.scene.image_size:
+            raise ValueError(
+                "MiniWorldConfig: model.image_size must equal scene.image_size, got "
+                f"{self.model.image_size} and {self.scene.image_size}"
+            )
+
+    def replace(self, **changes) -> "MiniWorldConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def grid(self) -> int:
+        return self.model.grid
+
+    def dataset(self, split: str, n: int | None = None, tokenizer=None) -> MiniVQA:
+        n = n or {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
+        return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
+                       world_seed=self.world_seed, scene_cfg=self.scene)
+
+
+@dataclass
+class RunInfo:
+    name: str
+    folder: Path
+    status: str  # hit | built | rebuilt
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def wall_time_s(self) -> float:
+        return float(self.manifest.get("wall_time_s", float("nan")))
+
+    @property
+    def spec_hash(self) -> str:
+        return self.manifest["spec_hash"]
+
+
+def _asdict(obj: Any) -> dict:
+    if dataclasses.is_dataclass(obj):
+        return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+    return dict(vars(obj))
+
+
+def upper_bound_spec(world: MiniWorldConfig) -> dict:
+    return {
+        "kind": "upper_bound",
+        "model": _asdict(world.model),
+        "scene": _asdict(world.scene),
+        "train": _asdict(world.train),
+        "world_seed": world.world_seed,
+        "vocab": build_tokenizer().get_vocab(),
+    }
+
+
+def _finish(folder: Path, model: torch.nn.Module, tok, result, extra: dict) -> dict:
+    torch.save(model.state_dict(), folder / "model.pt")
+    tok.save_pretrained(folder / "tokenizer")
+    partial = folder / "partial"
+    if partial.exists():
+        for p in partial.iterdir():
+            p.unlink()
+        partial.rmdir()
+    return {
+        "wall_time_s": result.wall_time_s,
+        "final_loss": sum(result.losses[-20:]) / max(1, len(result.losses[-20:])),
+        "losses": result.losses,
+        "resumed_from": result.resumed_from,
+        "n_params": count_parameters(model),
+        **extra,
+    }
+
+
+def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = True):
+    """The all-tokens model (the paper's "Upper Bound"), trained from scratch on the train split."""
+    spec = upper_bound_spec(world)
+    tok = build_tokenizer()
+
+    def build(folder: Path) -> dict:
+        model = build_model(world.model, tok)
+        ds = world.dataset("train", tokenizer=tok)
+        res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
+                    run_spec=spec, progress=progress)
+        return _finish(folder, model, tok, res, {})
+
+    folder, manifest, status = load_or_build("upper_bound", spec, build)
+    model = build_model(world.model, tok)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    model.eval()
+    return model, tok, RunInfo("upper_bound", folder, status, manifest)
+
+
+def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> dict:
+    return {
+        "kind": "atp",
+        "parent": spec_hash(upper_bound_spec(world)),
+        "atp": _asdict(atp_cfg),
+        "train": _asdict(train_cfg),
+    }
+
+
+def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True):
+    """Insert ATP modules into the upper-bound model and fine-tune (``train_cfg.trainable``: lm or atp)."""
+    from atp_repro import apply_atp, atp_parameters, budget_loss  # the core method
+
+    spec = atp_spec(world, atp_cfg, train_cfg)
+    ub, tok, _ = upper_bound(world, progress=progress)
+
+    def build(folder: Path) -> dict:
+        model = apply_atp(ub, atp_cfg)
+        ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
+        res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
+                    extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress)
+        return _finish(folder, model, tok, res, {})
+
+    folder, manifest, status = load_or_build("atp", spec, build)
+    model = apply_atp(build_model(world.model, tok), atp_cfg)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    model.eval()
+    return model, tok, RunInfo("atp", folder, status, manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# From the single source of truth: configs/mini_world.yaml (atp_repro.training_config)
+# --------------------------------------------------------------------------------------------
+
+FINETUNE_STEPS = 120  # ATP fine-tuning steps of the mini world (about 2 minutes on 2 CPU cores)
+
+
+def load_mini_config(path: str | None = None):
+    from atp_repro.training_config import MINI_CONFIG, load_training_config
+
+    return load_training_config(path or MINI_CONFIG)
+
+
+def world_from_config(cfg=None, **changes: Any) -> MiniWorldConfig:
+    """The mini world of a training config: decoder depth and vision grid come from ``model``.
+
+    The image canvas stays 96 px; the grid is set by the patch size (12 -> patch 8, 24 -> patch 4).
+    ``changes`` replace fields of the resulting :class:`MiniWorldConfig` (``model=...`` etc.).
+    """
+    cfg = cfg or load_mini_config()
+    base = MiniWorldConfig()
+    grid = cfg.model.vision_grid
+    if base.model.image_size % grid:
+        raise ValueError(
+            f"model.vision_grid={grid} must divide the mini world's {base.model.image_size} px canvas "
+            "(allowed: 4, 6, 8, 12, 16, 24, 32, 48)"
+        )
+    model = base.model.replace(patch_size=base.model.image_size // grid, lm_layers=cfg.model.num_hidden_layers)
+    return base.replace(model=model, **changes)
+
+
+def finetune_config(cfg=None, *, steps: int = FINETUNE_STEPS, frozen_lm: bool | None = None,
+                    **changes: Any) -> TrainConfig:
+    """ATP fine-tuning hyper-parameters (supplementary Table 1 as scaled in the mini config)."""
+    cfg = cfg or load_mini_config()
+    t = cfg.training
+    frozen = t.freeze_llm if frozen_lm is None else frozen_lm
+    base = TrainConfig(
+        steps=steps,
+        batch_size=t.global_batch_size,
+        n_train=steps * t.global_batch_size,  # one epoch, as in the paper
+        lr_lm=t.lr_llm,
+        lr_atp=t.lr_atp,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        grad_clip=t.max_grad_norm,
+        trainable="atp" if frozen else "lm",
+        precision="bf16" if t.precision == "bf16" else "fp32",
+        seed=t.seed,
+    )
+    return base.replace(**changes)
+
+
+def atp_from_config(cfg=None, *, grid: int | None = None, **changes: Any):
+    """``ATPConfig`` of the config's ``atp`` section; strides larger than ``grid`` are dropped."""
+    from atp_repro import ATPConfig
+
+    cfg = cfg or load_mini_config()
+    kwargs = cfg.atp_kwargs()
+    g = grid or cfg.model.vision_grid
+    kwargs["grid_strides"] = tuple(s for s in kwargs["grid_strides"] if s <= g)
+    kwargs.update(changes)
+    return ATPConfig(**kwargs)
+
+
+def tokens_for_576(tokens_576: float, grid: int) -> float:
+    """A token count of LLaVA-1.5's 576-token grid, scaled to a ``grid`` x ``grid`` grid."""
+    return tokens_576 / 576.0 * grid * grid

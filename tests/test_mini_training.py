@@ -1,0 +1,209 @@
+"""Mini world: training loop, resumable checkpoints, artifact cache, evaluation (tiny configs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from atp_repro.mini import cache
+from atp_repro.mini.evaluate import accuracy_by_family, avg_rate, blind_chance, evaluate, spearman, token_summary
+from atp_repro.mini.model import MiniModelConfig
+from atp_repro.mini.runs import MiniWorldConfig, upper_bound
+from atp_repro.mini.train import TrainConfig, batch_indices, cosine_with_warmup
+
+TINY_MODEL = MiniModelConfig(patch_size=24, vision_hidden=32, vision_layers=2, vision_ffn=64, vision_heads=2,
+                             lm_hidden=32, lm_ffn=64, lm_heads=2, lm_layers=8)
+TINY_WORLD = MiniWorldConfig(model=TINY_MODEL, train=TrainConfig(steps=6, batch_size=4, n_train=24,
+                                                                   checkpoint_every=2), n_test=12)
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATP_REPRO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_schedule_and_batches():
+    assert cosine_with_warmup(0, 100, 4) == pytest.approx(0.25)
+    assert cosine_with_warmup(4, 100, 4) == pytest.approx(1.0)
+    assert cosine_with_warmup(100, 100, 4) == pytest.approx(0.0)
+    assert batch_indices(3, 4, 10, 0) == batch_indices(3, 4, 10, 0)
+    epoch0 = sum((batch_indices(s, 5, 10, 0) for s in range(2)), [])
+    assert sorted(epoch0) == list(range(10))
+
+
+def test_train_config_errors_name_the_parameter():
+    with pytest.raises(ValueError, match="trainable"):
+        TrainConfig(trainable="vision")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=1.5)
+
+
+def test_upper_bound_is_cached_and_deterministic(cache_dir):
+    m1, _, info1 = upper_bound(TINY_WORLD, progress=False)
+    assert info1.status == "built" and (info1.folder / "tokenizer").is_dir()
+    assert not (info1.folder / "partial").exists()
+    m2, _, info2 = upper_bound(TINY_WORLD, progress=False)
+    assert info2.status == "hit" and info2.folder == info1.folder
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])
+    # another config -> another artifact; same config elsewhere -> bit-identical weights
+    other = TINY_WORLD.replace(train=TINY_WORLD.train.replace(seed=1))
+    assert upper_bound(other, progress=False)[2].folder != info1.folder
+    os.environ["ATP_REPRO_CACHE"] = str(cache_dir.parent / "cache2")
+    m3, _, _ = upper_bound(TINY_WORLD, progress=False)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m3.state_dict()[k]), k
+
+
+def test_corrupted_artifact_is_detected_and_rebuilt(cache_dir):
+    _, _, info = upper_bound(TINY_WORLD, progress=False)
+    weights = info.folder / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    spec = info.manifest["spec"]
+    with pytest.raises(cache.ArtifactError, match="checksum"):
+        cache.verify_artifact(info.folder, spec)
+    with pytest.warns(UserWarning, match="corrupted"):
+        _, _, info2 = upper_bound(TINY_WORLD, progress=False)
+    assert info2.status == "rebuilt"
+    cache.verify_artifact(info2.folder, spec)
+
+
+def test_mismatched_manifest_is_reported(cache_dir):
+    _, _, info = upper_bound(TINY_WORLD, progress=False)
+    manifest = json.loads((info.folder / "manifest.json").read_text())
+    manifest["spec"]["train"]["lr_lm"] = 123.0
+    (info.folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(cache.ArtifactError, match="does not match"):
+        cache.verify_artifact(info.folder, info.manifest["spec"])
+    with pytest.raises(cache.ArtifactError):
+        cache.load_or_build("upper_bound", info.manifest["spec"], lambda f: None, rebuild_corrupt=False)
+
+
+def test_interrupted_training_resumes_to_identical_weights(cache_dir, monkeypatch):
+    from atp_repro.mini import runs, train as train_mod
+
+    reference, _, _ = upper_bound(TINY_WORLD, progress=False)
+    ref = _state(reference)
+    monkeypatch.setenv("ATP_REPRO_CACHE", str(cache_dir.parent / "cache_resume"))
+
+    real_train = train_mod.train
+
+    def interrupted(*a, **kw):
+        def stop(step, loss):
+            if step == 3:
+                raise KeyboardInterrupt
+
+        return real_train(*a, on_step=stop, **kw)
+
+    monkeypatch.setattr(runs, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        upper_bound(TINY_WORLD, progress=False)
+    folder = cache.artifact_dir("upper_bound", runs.upper_bound_spec(TINY_WORLD))
+    assert (folder / "partial" / "checkpoint.pt").exists() and not (folder / "manifest.json").exists()
+    monkeypatch.setattr(runs, "train", real_train)
+    resumed, _, info = upper_bound(TINY_WORLD, progress=False)
+    assert info.manifest["resumed_from"] == 2  # last checkpoint before the interruption
+    for k, v in ref.items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_corrupted_partial_checkpoint_restarts(cache_dir, monkeypatch):
+    from atp_repro.mini import runs, train as train_mod
+
+    real_train = train_mod.train
+
+    def interrupted(*a, **kw):
+        def stop(step, loss):
+            if step == 4:
+                raise KeyboardInterrupt
+
+        return real_train(*a, on_step=stop, **kw)
+
+    monkeypatch.setattr(runs, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        upper_bound(TINY_WORLD, progress=False)
+    ckpt = cache.artifact_dir("upper_bound", runs.upper_bound_spec(TINY_WORLD)) / "partial" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    monkeypatch.setattr(runs, "train", real_train)
+    with pytest.warns(UserWarning, match="checksum"):
+        _, _, info = upper_bound(TINY_WORLD, progress=False)
+    assert info.manifest["resumed_from"] == 0
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_resumes(tmp_path):
+    """A real kill -9 of a training process, then a second process finishes from the checkpoint."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        os.environ["ATP_REPRO_CACHE"] = {str(tmp_path / "cache")!r}
+        from tests.test_mini_training import TINY_WORLD
+        from atp_repro.mini.runs import upper_bound
+        w = TINY_WORLD.replace(train=TINY_WORLD.train.replace(steps=400, checkpoint_every=5))
+        _, _, info = upper_bound(w, progress=False)
+        print("RESUMED_FROM", info.manifest["resumed_from"])
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*/partial/checkpoint.meta")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((tmp_path / "cache").glob("*/partial/checkpoint.pt"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    assert int(out.split("RESUMED_FROM")[1].split()[0]) > 0
+
+
+def test_evaluate_upper_bound_records(cache_dir):
+    model, tok, _ = upper_bound(TINY_WORLD, progress=False)
+    ds = TINY_WORLD.dataset("test", tokenizer=tok)
+    res = evaluate(model, ds, batch_size=5)
+    assert len(res.records) == 12 and res.kept.shape == (12, 8)
+    assert (res.kept == 16).all() and res.tokens()["fraction_of_grid"] == 1.0
+    again = evaluate(model, ds, batch_size=3)
+    pd.testing.assert_frame_equal(res.records, again.records)  # batch size does not change answers
+    table = res.by_family()
+    assert list(table.columns) == ["n", "accuracy", "chance"] and table["n"].sum() == 12
+
+
+def test_metrics():
+    rec = pd.DataFrame({"family": ["a"] * 4 + ["b"] * 2, "question": ["q", "q", "q", "r", "s", "s"],
+                        "answer": ["x", "x", "y", "z", "1", "2"], "correct": [1, 1, 0, 1, 1, 0]})
+    ch = blind_chance(rec)
+    assert ch["a"] == pytest.approx(0.75) and ch["b"] == pytest.approx(0.5)
+    assert avg_rate(pd.Series({"a": 0.5, "b": 1.0}), pd.Series({"a": 1.0, "b": 1.0})) == pytest.approx(0.75)
+    t = token_summary(np.full((3, 8), 36), 12)
+    assert t["fraction_of_grid"] == pytest.approx(0.25) and t["tokens_576_equiv"] == pytest.approx(144)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    _ = accuracy_by_family
+
+
+def test_cache_atomic_write(tmp_path):
+    p = tmp_path / "x" / "f.bin"
+    cache.atomic_write_bytes(p, b"abc")
+    assert p.read_bytes() == b"abc" and not [q for q in p.parent.iterdir() if q.name.endswith(".tmp")]
+    assert cache.spec_hash({"a": 1, "b": 2}) == cache.spec_hash({"b": 2, "a": 1})
