@@ -31,6 +31,7 @@ __all__ = [
     "PAPER_NUMBERS",
     "PAPER_COLUMNS",
     "ARTIFACTS",
+    "COMPARISON_COLUMNS",
     "PaperNumbersError",
     "Claim",
     "load_paper_numbers",
