@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .scores import weighted_column_sums, weighted_column_sums_from_qk
+from .scores import weighted_column_sums, weighted_column_sums_from_lse, weighted_column_sums_from_qk
 
 SCORING_IMPLEMENTATION = "atp_scoring"
 # Attention implementations whose masks ATP can read (flex attention's BlockMask is not one of them).
@@ -97,6 +97,21 @@ def atp_scoring_attention(
         request.seconds += time.perf_counter() - start
         return output, probs
 
+    fused = None
+    if request.base_name == "sdpa":
+        fused = _cpu_flash_with_lse(module, query, key, value, attention_mask, **kwargs)
+    if fused is not None:
+        output, lse = fused
+        start = time.perf_counter()
+        additive = None
+        if attention_mask is not None:
+            additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
+        request.column_sums = weighted_column_sums_from_lse(
+            query, key, lse, additive, module.scaling, request.query_weight, request.key_columns
+        )
+        request.seconds += time.perf_counter() - start
+        return output, None
+
     base: Callable = ALL_ATTENTION_FUNCTIONS[request.base_name]
     output, probs = base(module, query, key, value, attention_mask, **kwargs)
     start = time.perf_counter()
@@ -108,6 +123,34 @@ def atp_scoring_attention(
     )
     request.seconds += time.perf_counter() - start
     return output, probs
+
+
+def _cpu_flash_with_lse(module, query, key, value, attention_mask, **kwargs):
+    """Run the CPU flash-attention kernel that SDPA dispatches to, keeping its log-sum-exp.
+
+    Only in the plain case (CPU, fp32/bf16, no dropout, softcap or position bias); the output is
+    the same kernel's, laid out like transformers' ``sdpa_attention_forward``. Returns None when
+    the case does not apply, and the caller falls back to the base kernel plus recomputed
+    normalisers.
+    """
+    if (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16)
+            or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or query.shape[2] < 2):
+        return None
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    mask = attention_mask
+    if mask is not None:
+        if mask.dim() != 4 or mask.dtype == torch.bool or mask.requires_grad:
+            return None  # bool masks: SDPA converts them itself; a soft (trainable) mask: no gradient here
+        mask = mask[:, :, :, : key.shape[2]]
+    is_causal = mask is None and getattr(module, "is_causal", True)
+    scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling)
+    return output.transpose(1, 2).contiguous(), lse
 
 
 AttentionInterface.register(SCORING_IMPLEMENTATION, atp_scoring_attention)

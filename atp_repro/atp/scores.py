@@ -88,6 +88,56 @@ def weighted_column_sums_from_qk(
     return acc / heads
 
 
+def weighted_column_sums_from_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    logsumexp: torch.Tensor,
+    additive_mask: torch.Tensor | None,
+    scaling: float,
+    query_weight: torch.Tensor,
+    key_columns: slice,
+    head_chunk: int = 8,
+) -> torch.Tensor:
+    """:func:`weighted_column_sums_from_qk` when the fused kernel also returned each row's log-sum-exp.
+
+    Flash-style kernels compute ``lse[q] = log sum_k exp(logit[q, k])`` anyway; with it, the
+    probabilities of the wanted block are ``exp(logit - lse)`` and only the weighted rows against
+    the ``key_columns`` are formed: no pass over the full rows.
+
+    Args:
+        logsumexp: (B, H, Q) natural-log normalisers of the masked, scaled logits.
+        (others as in :func:`weighted_column_sums_from_qk`)
+    """
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    groups = heads // key.shape[1]
+    num_weightings = query_weight.shape[-1]
+    rows = torch.nonzero(query_weight.sum((0, 2)) > 0)
+    first_row = int(rows.min()) if rows.numel() else q_len
+    acc = torch.zeros((batch, k_len, num_weightings), dtype=torch.float32, device=query.device)
+    if first_row >= q_len:
+        return acc
+    q_rows = query[:, :, first_row:].float()
+    weights = query_weight[:, first_row:].float()
+    lse = logsumexp[:, :, first_row:, None].float()  # (B, H, R, 1)
+    key_block = key[:, :, key_columns].float()
+    if groups > 1:
+        key_block = key_block.repeat_interleave(groups, dim=1)
+    if additive_mask is not None:
+        mask_block = additive_mask[:, :, first_row:, key_columns].float()
+    else:  # causal with a cache prefix of k_len - q_len positions
+        row_idx = torch.arange(first_row, q_len, device=query.device)[:, None] + (k_len - q_len)
+        col_idx = torch.arange(k_len, device=query.device)[key_columns][None, :]
+        mask_block = torch.where(col_idx <= row_idx, 0.0, _NEG)[None, None]
+    for h0 in range(0, heads, head_chunk):
+        h1 = min(h0 + head_chunk, heads)
+        logits = torch.matmul(q_rows[:, h0:h1], key_block[:, h0:h1].transpose(-1, -2)) * scaling  # (B, h, R, Kv)
+        logits = logits + (mask_block if mask_block.shape[1] == 1 else mask_block[:, h0:h1])
+        block = torch.exp(logits - lse[:, h0:h1])
+        acc[:, key_columns] += torch.einsum("bhrk,brw->bkw", block, weights)
+    return acc / heads
+
+
 def self_modality_importance(column_sums: torch.Tensor, vision_weight: torch.Tensor) -> torch.Tensor:
     """Attention a vision token receives from vision queries, averaged over the queries that see it.
 

@@ -1,0 +1,70 @@
+"""``atp-repro bench``: time prefill of the Table 3 strategies (loaded by atp_repro.cli's plugin hook)."""
+
+from __future__ import annotations
+
+import argparse
+
+from atp_repro.cli import Handler, subcommand
+
+# BenchConfig field -> command-line flag, so that errors name the argument the user typed.
+FLAGS = {"fixed_keep": "--fixed-keep", "average_tokens": "--average-tokens", "strategies": "--strategies",
+         "fast_backend": "--fast-backend", "dtype": "--dtype", "device": "--device", "warmup": "--warmup",
+         "repeats": "--repeats", "threads": "--threads", "model": "--preset"}
+
+
+@subcommand("bench", help="time prefill of the supplementary Table 3 strategies (FLOPs, KV bytes, ratios)")
+def _bench(parser: argparse.ArgumentParser) -> Handler:
+    from atp_repro.efficiency.models import PRESETS
+    from atp_repro.efficiency.strategies import STRATEGIES
+
+    parser.add_argument("--preset", default="cpu", help=f"timing model shapes, one of {sorted(PRESETS)} (default cpu)")
+    parser.add_argument("--average-tokens", type=float, default=144.0,
+                        help="target vision tokens averaged over all layers (default 144); solved into --fixed-keep")
+    parser.add_argument("--fixed-keep", type=int, nargs="+", default=None, metavar="K",
+                        help="kept vision tokens per ATP module (one per module; overrides --average-tokens)")
+    parser.add_argument("--module-layers", type=int, nargs="+", default=None, metavar="L",
+                        help="0-based layers followed by an ATP module (default: the preset's, 4 14 24)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), metavar="NAME",
+                        help=f"strategies to time, from {list(STRATEGIES)} (default: all)")
+    parser.add_argument("--fast-backend", default="auto", help="fast attention kernel: auto, sdpa or flash_attention_2")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where fast, else fp32), bfloat16 or float32")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--output", default=None, help="write the per-run rows to this CSV (atomically)")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import paths
+        from atp_repro.efficiency.models import timing_model_config
+        from atp_repro.efficiency.report import efficiency_metrics
+        from atp_repro.efficiency.strategies import BenchConfig, BenchConfigError, run_benchmark
+        from atp_repro.paper import to_markdown
+
+        if args.preset not in PRESETS:
+            raise ValueError(f"argument --preset: {args.preset!r} is not one of {sorted(PRESETS)}")
+        if args.fixed_keep is not None and any(k < 0 for k in args.fixed_keep):
+            raise ValueError(f"argument --fixed-keep: counts must be >= 0, got {args.fixed_keep}")
+        try:
+            changes = {} if args.module_layers is None else {"module_layers": tuple(args.module_layers)}
+            model = timing_model_config(args.preset, **changes)
+        except ValueError as err:
+            raise ValueError(f"argument --module-layers: {err}") from None
+        try:
+            config = BenchConfig(model=model, average_tokens=args.average_tokens,
+                                 fixed_keep=tuple(args.fixed_keep) if args.fixed_keep else None,
+                                 strategies=tuple(args.strategies), fast_backend=args.fast_backend, dtype=args.dtype,
+                                 device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+        except BenchConfigError as err:
+            raise ValueError(f"argument {FLAGS.get(err.field, err.field)}: {err}") from None
+        result = run_benchmark(config, run_id="bench", progress=True)
+        columns = ["strategy", "avg_tokens", "median_s", "spread", "overhead_fraction", "flops",
+                   "kv_vision_bytes_measured", "layer_backends"]
+        print(to_markdown(result.summary[columns]), end="")
+        print(to_markdown(efficiency_metrics(result.summary)), end="")
+        if args.output:
+            path = paths.atomic_write_text(paths.resolve(args.output), result.runs.to_csv(index=False))
+            print(f"per-run rows: {path}")
+        return 0
+
+    return run
