@@ -1,0 +1,31 @@
+"""One interleaved benchmark run on a micro model: tidy rows, exact KV bytes, tokens, metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from atp_repro.efficiency.models import timing_model_config
+from atp_repro.efficiency.report import efficiency_metrics, table3_claims, table3_rows
+from atp_repro.efficiency.strategies import STRATEGIES, BenchConfig, run_benchmark
+
+
+def test_benchmark_rows_and_checks():
+    model = timing_model_config("smoke", num_layers=8, module_layers=(1, 3, 5), hidden=64, heads=1, kv_heads=1,
+                                ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
+    config = BenchConfig(model=model, fixed_keep=(32, 16, 8), dtype="float32", warmup=0, repeats=2)
+    result = run_benchmark(config, run_id="t")
+    assert len(result.runs) == 2 * len(STRATEGIES)
+    for column in ("device", "dtype", "threads", "layer_backends", "attn_implementation", "seconds", "run_id"):
+        assert column in result.runs.columns
+    s = result.summary.set_index("strategy")
+    assert (s.kv_vision_bytes_measured == s.kv_vision_bytes_analytic).all()
+    assert s.loc["atp_fast", "avg_tokens"] == s.loc["atp_fast", "measured_avg_tokens"] == (2 * 64 + 2 * 32 + 2 * 16
+                                                                                            + 2 * 8) / 8
+    assert s.loc["atp_paper", "layer_backends"].split()[1] == "1:eager+map-scores"
+    assert s.loc["atp_fast", "flops"] < s.loc["ub_fast", "flops"]
+    metrics = efficiency_metrics(result.summary, result.runs)
+    assert metrics.metric.str.startswith("measured / FLOPs-predicted").any()
+    cells = table3_rows(result.summary)
+    assert set(cells.column) == {"Avg. Token", "Accuracy", "CUDA Time (ms)", "Δ"}
+    assert len(table3_claims(result.summary, result.runs)) == 4
+    assert torch.get_num_threads() >= 1
