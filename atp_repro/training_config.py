@@ -57,6 +57,7 @@ __all__ = [
     "supp_table1_run_values",
     "supp_table1_comparison",
     "supp_table1_claims",
+    "write_supp_table1",
 ]
 
 REAL_CONFIG = "configs/llava15_7b_atp.yaml"
@@ -756,3 +757,32 @@ def supp_table1_claims(table: Any, mini: TrainingConfig | None = None) -> list[A
             )
         )
     return claims
+
+
+def write_supp_table1(
+    real: TrainingConfig,
+    mini: TrainingConfig,
+    *,
+    real_config: str = REAL_CONFIG,
+    mini_config: str = MINI_CONFIG,
+    output_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Any, list[Any], dict[str, Path]]:
+    """Build, check and write supplementary Table 1 (``tables/supp_table1_hyperparameters.*``).
+
+    Returns the table, its claims and the written files."""
+    from atp_repro.paper import write_comparison
+
+    table = supp_table1_comparison(real, mini)
+    claims = supp_table1_claims(table, mini)
+    written = write_comparison(
+        table,
+        "supp_table1_hyperparameters",
+        title="Supplementary Table 1: hyper-parameters of ATP-LLaVA (paper vs config)",
+        claims=claims,
+        notes=[
+            f"this_run: the real-scale training config {real_config}; "
+            f"mini_world: {mini_config} (reason for each change).",
+        ],
+        output_dir=output_dir,
+    )
+    return table, claims, written

@@ -18,6 +18,7 @@ from atp_repro.training_config import (
     load_training_config,
     parse_training_config,
     supp_table1_comparison,
+    write_supp_table1,
 )
 
 
@@ -269,3 +270,17 @@ def test_parse_without_file(real_data: dict) -> None:
     assert cfg.atp.n_target == 130
     with pytest.raises(ConfigError, match="scal: unknown key"):
         parse_training_config({**real_data, "scal": "real"})
+
+
+def test_committed_table1_is_up_to_date(
+    repo_root: Path, tmp_path: Path, real: TrainingConfig, mini: TrainingConfig
+) -> None:
+    """tables/supp_table1_hyperparameters.* must be what the configs give now."""
+    _, _, written = write_supp_table1(real, mini, output_dir=tmp_path)
+    for path in written.values():
+        committed = repo_root / "tables" / path.name
+        if not committed.exists():
+            pytest.skip("no committed Table 1 (run make reproduce)")
+        assert committed.read_bytes() == path.read_bytes(), (
+            f"{committed.name} is stale: the configs changed; run 'make reproduce' and commit tables/"
+        )
