@@ -10,6 +10,14 @@ Sequence layout (LLaVA-1.5 chat format, word-level)::
     <s> USER: <image> x V  question-words  ASSISTANT:  answer-words </s>
 
 Labels are ``-100`` everywhere except on the answer words and the closing ``</s>``.
+
+Training conversations (``turns > 1``) follow LLaVA-665k's multi-turn format: one image, then up to
+``turns`` question/answer rounds about it (one per answerable family, in a random order)::
+
+    <s> USER: <image> x V q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...
+
+which gives several supervised answers per image for the cost of one image encoding. Evaluation is
+always single-turn, like the benchmarks.
 """
 
 from __future__ import annotations
@@ -63,6 +71,24 @@ def make_sample(world_seed: int, split: str, index: int, scene_cfg: SceneConfig 
     raise RuntimeError(f"could not draw an answerable {family!r} sample for index {index}")  # pragma: no cover
 
 
+def make_conversation(world_seed: int, split: str, index: int, turns: int,
+                      scene_cfg: SceneConfig = SceneConfig()) -> tuple[Scene, list[Question]]:
+    """A scene and up to ``turns`` questions about it, one per answerable family, shuffled."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
+    rng = np.random.default_rng([world_seed, SPLIT_SEEDS[split], index, turns])
+    scene = generate_scene(rng, scene_cfg)
+    questions = []
+    for family in rng.permutation(len(FAMILIES)):
+        try:
+            questions.append(make_question(FAMILIES[int(family)], scene, rng))
+        except Unanswerable:
+            continue
+        if len(questions) == turns:
+            break
+    return scene, questions
+
+
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, CLIP-normalised."""
     x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
@@ -83,12 +109,15 @@ class MiniVQA(torch.utils.data.Dataset):
         world_seed: int = 0,
         scene_cfg: SceneConfig = SceneConfig(),
         offset: int = 0,
+        turns: int = 1,
     ) -> None:
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
         if n_image_tokens <= 0:
             raise ValueError(f"n_image_tokens must be > 0, got {n_image_tokens}")
-        self.split, self.n, self.offset = split, n, offset
+        if turns < 1:
+            raise ValueError(f"turns must be >= 1, got {turns}")
+        self.split, self.n, self.offset, self.turns = split, n, offset, turns
         self.tokenizer, self.n_image_tokens = tokenizer, n_image_tokens
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
@@ -130,7 +159,26 @@ class MiniVQA(torch.utils.data.Dataset):
             },
         }
 
+    def encode_conversation(self, scene: Scene, questions: list[Question], index: int) -> dict:
+        """Multi-turn training item: prompt_ids holds everything before the first answer."""
+        tok = self.tokenizer
+        ids = self._prefix + [tok.image_token_id] * self.n_image_tokens
+        labels = [IGNORE_INDEX] * len(ids)
+        user = encode_words(tok, USER)
+        for k, q in enumerate(questions):
+            prompt = (user if k else []) + encode_words(tok, q.question) + self._assistant
+            answer = encode_words(tok, q.answer) + [tok.eos_token_id]
+            ids += prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + answer
+        return {"input_ids": ids, "labels": labels, "pixel_values": image_to_tensor(scene.image),
+                "meta": {"index": index, "turns": len(questions)}}
+
     def __getitem__(self, i: int) -> dict:
+        if self.turns > 1:
+            if not 0 <= i < self.n:
+                raise IndexError(f"index {i} out of range for {self.n} samples")
+            scene, qs = make_conversation(self.world_seed, self.split, self.offset + i, self.turns, self.scene_cfg)
+            return self.encode_conversation(scene, qs, self.offset + i)
         return self.encode(self.sample(i))
 
 
@@ -151,8 +199,9 @@ class Collator:
 
     def __call__(self, items: list[dict]) -> dict:
         if self.mode == "train":
-            seqs = [it["prompt_ids"] + it["answer_ids"] for it in items]
-            labs = [[IGNORE_INDEX] * len(it["prompt_ids"]) + it["answer_ids"] for it in items]
+            seqs = [it["input_ids"] if "input_ids" in it else it["prompt_ids"] + it["answer_ids"] for it in items]
+            labs = [it["labels"] if "labels" in it else [IGNORE_INDEX] * len(it["prompt_ids"]) + it["answer_ids"]
+                    for it in items]
         else:
             seqs = [it["prompt_ids"] for it in items]
             labs = None
@@ -171,7 +220,7 @@ class Collator:
             "attention_mask": mask,
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "meta": [it["meta"] for it in items],
-            "answers": [it["answer_ids"] for it in items],
+            "answers": [it.get("answer_ids") for it in items],
         }
         if labs is not None:
             batch["labels"] = labels

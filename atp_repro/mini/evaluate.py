@@ -23,6 +23,7 @@ import torch
 
 from .data import Collator, MiniVQA
 from .questions import FAMILIES
+from .scenes import COLOURS, SHAPE_PLURALS, SHAPES
 from .tokenizer import decode_answer
 
 LLAVA_TOKENS = 576
@@ -106,10 +107,18 @@ def evaluate(
     return EvalResult(records, np.concatenate(kept, axis=0), grid, time.perf_counter() - t0)
 
 
+def question_template(question: str) -> str:
+    """The question with colour and shape words replaced by placeholders (its "type")."""
+    colours, shapes = set(COLOURS), set(SHAPES) | set(SHAPE_PLURALS.values())
+    return " ".join("<c>" if w in colours else "<s>" if w in shapes else w for w in question.split())
+
+
 def blind_chance(records: pd.DataFrame) -> pd.Series:
-    """Per family: accuracy of answering each question text with its most common answer."""
+    """Per family: accuracy of the best constant answer per question template (an image-blind
+    prior that knows the answer distribution of each question type in this split)."""
     def family_chance(df: pd.DataFrame) -> float:
-        top = df.groupby("question")["answer"].agg(lambda a: a.value_counts().iloc[0])
+        tmpl = df["question"].map(question_template)
+        top = df.groupby(tmpl)["answer"].agg(lambda a: a.value_counts().iloc[0])
         return float(top.sum() / len(df))
 
     return records.groupby("family")[["question", "answer"]].apply(family_chance)

@@ -33,6 +33,7 @@ class MiniWorldConfig:
     n_val: int = 300
     n_test: int = 600
     world_seed: int = 0
+    ub_turns: int = 6  # question rounds per training image of the upper bound (LLaVA-665k style)
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test"):
@@ -51,10 +52,10 @@ class MiniWorldConfig:
     def grid(self) -> int:
         return self.model.grid
 
-    def dataset(self, split: str, n: int | None = None, tokenizer=None) -> MiniVQA:
+    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
         n = n or {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
         return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
-                       world_seed=self.world_seed, scene_cfg=self.scene)
+                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns)
 
 
 @dataclass
@@ -86,6 +87,7 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "scene": _asdict(world.scene),
         "train": _asdict(world.train),
         "world_seed": world.world_seed,
+        "ub_turns": world.ub_turns,
         "vocab": build_tokenizer().get_vocab(),
     }
 
@@ -115,7 +117,7 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
 
     def build(folder: Path) -> dict:
         model = build_model(world.model, tok)
-        ds = world.dataset("train", tokenizer=tok)
+        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
                     run_spec=spec, progress=progress)
         return _finish(folder, model, tok, res, {})

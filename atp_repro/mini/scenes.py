@@ -56,7 +56,7 @@ class SceneConfig:
     min_objects: int = 1
     max_objects: int = 8
     p_textured: float = 0.5
-    p_text: float = 0.35
+    p_text: float = 0.5
     text_length: int = 2
     glyph_scale: int = 2
 

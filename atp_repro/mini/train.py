@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int = 600
     batch_size: int = 16
     n_train: int = 12000
-    lr_lm: float = 1e-3
+    lr_lm: float = 1.5e-3
     lr_atp: float = 1e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0

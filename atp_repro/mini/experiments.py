@@ -1,0 +1,154 @@
+"""The mini world's named experiments, shared by the supplementary notebooks.
+
+One catalogue of ATP fine-tunes (:data:`VARIANTS`) so that notebooks reuse each other's cached
+runs: Table 2 and Figure 1 reuse Table 4's ``trainable_144``; Table 6's main row and the
+ablation's reference are the same run. Evaluations are cached too (keyed by the model artifact
+and the test set), so a warm ``make reproduce`` only re-renders tables.
+
+Token targets are given in LLaVA-1.5 units (of 576) and scaled to the mini grid; as in the paper,
+N_target = 130 gives about 144 tokens, so a ``tokens_576`` goal t uses N_target = t x 130 / 144.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import runs
+from .cache import load_or_build
+from .evaluate import EvalResult, accuracy_by_family, avg_rate, complexity_correlation, evaluate, token_summary
+
+PAPER_TARGET_RATIO = 130.0 / 144.0  # N_target 130 -> 144 tokens (supplementary Table 6, main row)
+TRAINING_SCORING_BACKEND = "eager"  # pruning layers read an explicit attention map (paper strategy (2))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An ATP fine-tune: a token goal (576-units), frozen or trainable LM, ATP field changes."""
+
+    tokens_576: float = 144.0
+    frozen_lm: bool = False
+    atp: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+
+    def atp_changes(self) -> dict[str, Any]:
+        return dict(self.atp)
+
+
+VARIANTS: dict[str, Variant] = {
+    # supplementary Table 4 (Table 2 and Figure 1 reuse trainable_144 / trainable_88)
+    "trainable_144": Variant(144, False, (), "main setting: LM trainable, learned2d, N_target=130 (scaled)"),
+    "trainable_88": Variant(88, False, (), "LM trainable, 88-token goal"),
+    "frozen_144": Variant(144, True, (("position_encoding", "original"),), "frozen LM, ATP modules only"),
+    "frozen_88": Variant(88, True, (("position_encoding", "original"),), "frozen LM, 88-token goal"),
+    # supplementary Table 6 (the 0.1 / 0.2 row is trainable_144)
+    "lambda_1_1": Variant(144, False, (("lambda_atp", 1.0), ("lambda_target", 1.0)), "Table 6 row 1"),
+    "lambda_0.05_0.2": Variant(144, False, (("lambda_atp", 0.05), ("lambda_target", 0.2)), "Table 6 row 3"),
+    "lambda_0.001_0.001": Variant(144, False, (("lambda_atp", 0.001), ("lambda_target", 0.001)), "Table 6 row 4"),
+    # ablations of interpretations (reference: trainable_144)
+    "T_1e6_plain": Variant(144, False, (("ste_temperature", None),), "T=1e6, plain sigmoid gradient (paper)"),
+    "T_10_plain": Variant(144, False, (("temperature", 10.0), ("ste_temperature", None)), "T=10, soft masks"),
+    "pe_original": Variant(144, False, (("position_encoding", "original"),), "1-D original position ids"),
+    "pe_rope2d": Variant(144, False, (("position_encoding", "rope2d"),), "2-D rotary for vision tokens"),
+}
+
+
+@dataclass
+class Setup:
+    """The mini config, its world, and the fine-tuning defaults (steps) used by every variant."""
+
+    cfg: Any = None
+    world: runs.MiniWorldConfig = field(default_factory=runs.MiniWorldConfig)
+    finetune_steps: int = runs.FINETUNE_STEPS
+    n_test: int | None = None
+
+    @classmethod
+    def load(cls, config: str | None = None, *, grid: int | None = None, ub_steps: int | None = None,
+             finetune_steps: int | None = None, n_train_ub: int | None = None, n_test: int | None = None) -> "Setup":
+        cfg = runs.load_mini_config(config)
+        world = runs.world_from_config(cfg)
+        if grid is not None:
+            world = world.replace(model=world.model.replace(patch_size=world.model.image_size // grid))
+        if ub_steps is not None or n_train_ub is not None:
+            steps = ub_steps or world.train.steps
+            world = world.replace(train=world.train.replace(
+                steps=steps, n_train=n_train_ub or max(world.train.n_train, steps * world.train.batch_size)))
+        if n_test is not None:
+            world = world.replace(n_test=n_test)
+        return cls(cfg, world, finetune_steps or runs.FINETUNE_STEPS, n_test)
+
+    @property
+    def grid(self) -> int:
+        return self.world.grid
+
+    def atp_config(self, variant: Variant):
+        n_target = runs.tokens_for_576(variant.tokens_576 * PAPER_TARGET_RATIO, self.grid)
+        changes = {"n_target": n_target, "scoring_backend": TRAINING_SCORING_BACKEND, **variant.atp_changes()}
+        return runs.atp_from_config(self.cfg, grid=self.grid, **changes)
+
+    def train_config(self, variant: Variant):
+        return runs.finetune_config(self.cfg, steps=self.finetune_steps, frozen_lm=variant.frozen_lm)
+
+    def upper_bound(self, progress: bool = True):
+        return runs.upper_bound(self.world, progress=progress)
+
+    def finetune(self, name: str, progress: bool = True):
+        if name not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {name!r}")
+        v = VARIANTS[name]
+        return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v), progress=progress)
+
+    def test_set(self, tokenizer):
+        return self.world.dataset("test", tokenizer=tokenizer)
+
+    def evaluate(self, model, info: runs.RunInfo, tokenizer) -> EvalResult:
+        """Evaluate on the test split, cached by (model artifact, test set)."""
+        ds = self.test_set(tokenizer)
+        spec = {"kind": "eval", "model": info.spec_hash, "n_test": len(ds), "world_seed": self.world.world_seed,
+                "scene": dataclasses.asdict(self.world.scene), "version": 1}
+
+        def build(folder):
+            res = evaluate(model, ds)
+            res.records.to_csv(folder / "records.csv", index=False)
+            np.save(folder / "kept.npy", res.kept)
+            return {"seconds": res.seconds, "grid": res.grid}
+
+        folder, manifest, _ = load_or_build("eval", spec, build)
+        records = pd.read_csv(folder / "records.csv", keep_default_na=False)
+        records["correct"] = records["correct"].astype(str) == "True"
+        return EvalResult(records, np.load(folder / "kept.npy"), int(manifest["grid"]), float(manifest["seconds"]))
+
+
+def summary_row(name: str, res: EvalResult, ub: EvalResult, info: runs.RunInfo | None = None) -> dict[str, Any]:
+    """One table row: tokens (grid, fraction, 576-equiv), Avg. Rate, accuracy per family, wall-time."""
+    acc = accuracy_by_family(res.records)["accuracy"]
+    ub_acc = accuracy_by_family(ub.records)["accuracy"]
+    tok = token_summary(res.kept, res.grid)
+    row: dict[str, Any] = {
+        "run": name,
+        "tokens": tok["tokens"],
+        "fraction_of_grid": tok["fraction_of_grid"],
+        "tokens_576_equiv": tok["tokens_576_equiv"],
+        "avg_rate": avg_rate(acc, ub_acc),
+        "accuracy": float(res.records["correct"].mean()),
+    }
+    row.update({f"acc_{f}": float(a) for f, a in acc.items()})
+    if info is not None:
+        row["train_wall_time_s"] = info.wall_time_s
+    corr = complexity_correlation(res)
+    row["spearman_complexity"] = corr["complexity"]
+    return row
+
+
+def rounded(df: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """Round floats so that tables are byte-identical across runs on the same machine."""
+    return df.apply(lambda c: c.round(digits) if c.dtype.kind == "f" else c)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
