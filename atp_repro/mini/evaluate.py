@@ -139,9 +139,10 @@ def accuracy_by_family(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def avg_rate(acc: pd.Series, upper_bound: pd.Series) -> float:
-    """Mean over families of ``acc / upper_bound`` (families present in both)."""
-    common = [f for f in acc.index if f in upper_bound.index]
-    return float(np.mean([acc[f] / upper_bound[f] for f in common]))
+    """Mean over families of ``acc / upper_bound`` (families present in both; a family the upper
+    bound scores 0 on has no defined rate and is skipped; NaN if none is left)."""
+    common = [f for f in acc.index if f in upper_bound.index and upper_bound[f] > 0]
+    return float(np.mean([acc[f] / upper_bound[f] for f in common])) if common else float("nan")
 
 
 def token_summary(kept: np.ndarray, grid: int) -> dict[str, float]:

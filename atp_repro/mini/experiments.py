@@ -152,3 +152,41 @@ def rounded(df: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
 
 def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def tidy(cells: list[tuple[str, str, Any]]) -> pd.DataFrame:
+    """``[(row, column, value)]`` -> the tidy frame :func:`atp_repro.paper.compare_with_paper` takes;
+    text values go to ``value_text``."""
+    out = []
+    for row, column, value in cells:
+        if isinstance(value, str):
+            out.append({"row": row, "column": column, "value": None, "value_text": value})
+        else:
+            out.append({"row": row, "column": column, "value": None if value is None else float(value),
+                        "value_text": None})
+    return pd.DataFrame(out, columns=["row", "column", "value", "value_text"])
+
+
+def per_family_table(results: dict[str, EvalResult]) -> pd.DataFrame:
+    """Accuracy per family for several models side by side, with the blind chance level."""
+    first = next(iter(results.values()))
+    table = accuracy_by_family(first.records)[["n", "chance"]].copy()
+    for name, res in results.items():
+        table[name] = accuracy_by_family(res.records)["accuracy"]
+    return table
+
+
+def kept_per_layer(res: EvalResult) -> pd.DataFrame:
+    """Mean, min and max kept vision tokens per decoder layer over the test samples."""
+    k = res.kept
+    return pd.DataFrame({"layer": np.arange(k.shape[1]), "mean": k.mean(0), "min": k.min(0), "max": k.max(0),
+                         "fraction_of_grid": k.mean(0) / (res.grid * res.grid)})
+
+
+def adaptivity(res: EvalResult) -> dict[str, float]:
+    """Instance adaptivity: spread of per-sample token counts and their rank correlation with complexity."""
+    per_sample = res.kept.mean(axis=1)
+    corr = complexity_correlation(res)
+    return {"per_sample_tokens_std": float(per_sample.std()), "per_sample_tokens_min": float(per_sample.min()),
+            "per_sample_tokens_max": float(per_sample.max()), "distinct_counts": int(len(np.unique(per_sample))),
+            **{f"spearman_{k}": v for k, v in corr.items()}}

@@ -163,7 +163,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
 # From the single source of truth: configs/mini_world.yaml (atp_repro.training_config)
 # --------------------------------------------------------------------------------------------
 
-FINETUNE_STEPS = 120  # ATP fine-tuning steps of the mini world (about 2 minutes on 2 CPU cores)
+FINETUNE_STEPS = 60  # ATP fine-tuning steps of the mini world (batch 32: about 2 minutes on a free 2-core CPU)
 
 
 def load_mini_config(path: str | None = None):

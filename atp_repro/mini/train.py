@@ -38,7 +38,7 @@ class TrainConfig:
 
     steps: int = 600
     batch_size: int = 16
-    n_train: int = 12000
+    n_train: int = 9600
     lr_lm: float = 1.5e-3
     lr_atp: float = 1e-3
     warmup_ratio: float = 0.03
