@@ -102,7 +102,8 @@ def test_cross_importance_is_the_mean_over_prompt_queries():
 
 @pytest.mark.parametrize("gqa", [1, 2])
 @pytest.mark.parametrize("masked", [False, True])
-def test_scores_from_qk_equal_scores_from_the_probability_map(gqa, masked):
+@pytest.mark.parametrize("with_lse, row_chunk", [(False, 256), (True, 256), (False, 5), (True, 5)])
+def test_scores_from_qk_equal_scores_from_the_probability_map(gqa, masked, with_lse, row_chunk):
     torch.manual_seed(0)
     batch, heads, length, dim = 2, 4, 12, 8
     query = torch.randn(batch, heads, length, dim)
@@ -115,8 +116,9 @@ def test_scores_from_qk_equal_scores_from_the_probability_map(gqa, masked):
     probs = logits.softmax(-1)
     weights = torch.rand(batch, length, 2) * (torch.arange(length) >= 4)[None, :, None]
     expected = weighted_column_sums(probs, weights)
+    lse = torch.logsumexp(logits, dim=-1) if with_lse else None
     got = weighted_column_sums_from_qk(query, key, additive if masked else None, 1 / math.sqrt(dim), weights,
-                                       slice(4, 10), head_chunk=3)
+                                       slice(4, 10), logsumexp=lse, head_chunk=3, row_chunk=row_chunk)
     torch.testing.assert_close(got[:, 4:10], expected[:, 4:10], atol=1e-6, rtol=1e-4)
     assert (got[:, :4] == 0).all() and (got[:, 10:] == 0).all()
 

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .scores import weighted_column_sums, weighted_column_sums_from_lse, weighted_column_sums_from_qk
+from .scores import weighted_column_sums, weighted_column_sums_from_qk
 
 SCORING_IMPLEMENTATION = "atp_scoring"
 # Attention implementations whose masks ATP can read (flex attention's BlockMask is not one of them).
@@ -97,29 +97,21 @@ def atp_scoring_attention(
         request.seconds += time.perf_counter() - start
         return output, probs
 
-    fused = None
-    if request.base_name == "sdpa":
-        fused = _cpu_flash_with_lse(module, query, key, value, attention_mask, **kwargs)
+    # The fast kernel computes the layer's output; on CPU SDPA we also keep its per-row
+    # log-sum-exp, so that the scores need only the (rows x vision columns) block of logits.
+    fused = _cpu_flash_with_lse(module, query, key, value, attention_mask, **kwargs) \
+        if request.base_name == "sdpa" else None
     if fused is not None:
-        output, lse = fused
-        start = time.perf_counter()
-        additive = None
-        if attention_mask is not None:
-            additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
-        request.column_sums = weighted_column_sums_from_lse(
-            query, key, lse, additive, module.scaling, request.query_weight, request.key_columns
-        )
-        request.seconds += time.perf_counter() - start
-        return output, None
-
-    base: Callable = ALL_ATTENTION_FUNCTIONS[request.base_name]
-    output, probs = base(module, query, key, value, attention_mask, **kwargs)
+        (output, lse), probs = fused, None
+    else:
+        base: Callable = ALL_ATTENTION_FUNCTIONS[request.base_name]
+        (output, probs), lse = base(module, query, key, value, attention_mask, **kwargs), None
     start = time.perf_counter()
     additive = None
     if attention_mask is not None:
         additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
     request.column_sums = weighted_column_sums_from_qk(
-        query, key, additive, module.scaling, request.query_weight, request.key_columns
+        query, key, additive, module.scaling, request.query_weight, request.key_columns, logsumexp=lse
     )
     request.seconds += time.perf_counter() - start
     return output, probs

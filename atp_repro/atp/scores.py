@@ -37,104 +37,73 @@ def weighted_column_sums_from_qk(
     scaling: float,
     query_weight: torch.Tensor,
     key_columns: slice,
+    logsumexp: torch.Tensor | None = None,
     head_chunk: int = 8,
+    row_chunk: int = 256,
 ) -> torch.Tensor:
     """Same as :func:`weighted_column_sums`, computed from a layer's queries and keys.
 
-    Only the blocks the scores need are formed: query rows that carry weight (from the first such
-    row on) against all keys for the softmax normaliser, and only the ``key_columns`` block of the
-    probabilities is kept. Heads are processed in chunks, so the full (B, H, L, L) map is never
-    materialised. This lets a pruning layer run its own attention with a fused kernel (SDPA,
-    flash) while the scores still equal those of an explicit attention map.
+    Only the blocks the scores need are formed: the weighted query rows (from the first one on),
+    in chunks of rows and heads, so the full (B, H, L, L) map is never materialised. This lets a
+    pruning layer run its own attention with a fused kernel (SDPA, flash) while the scores still
+    equal those of an explicit attention map.
+
+    - With ``logsumexp`` (the per-row normaliser that flash-style kernels compute anyway) only the
+      rows x ``key_columns`` block of logits is formed: P = exp(logit - lse).
+    - Without it, the rows' logits against all visible keys are formed for the normaliser.
+    - With a causal mask (``additive_mask`` None), keys after a row chunk's last query are skipped.
 
     Args:
         query: (B, H, Q, hd) queries with RoPE applied.
         key: (B, H_kv, K, hd) keys with RoPE applied (GQA is expanded here).
-        additive_mask: (B, 1 or H, Q, K) float mask added to the logits, or None for plain causal.
+        additive_mask: (B, 1 or H, Q, K) float mask added to the logits, or None for plain causal
+            (keys may be preceded by a cache prefix of K - Q positions).
         scaling: logit scale (1 / sqrt(hd)).
         query_weight: (B, Q, W): W weightings of the query rows.
         key_columns: the key positions whose received attention is wanted.
+        logsumexp: optional (B, H, Q) natural-log normalisers of the masked, scaled logits.
     Returns:
         (B, K, W) weighted column sums, zero outside ``key_columns``.
     """
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
+    offset = k_len - q_len
     groups = heads // key.shape[1]
-    num_weightings = query_weight.shape[-1]
+    col_start, col_stop = key_columns.start, key_columns.stop
+    acc = torch.zeros((batch, k_len, query_weight.shape[-1]), dtype=torch.float32, device=query.device)
     rows = torch.nonzero(query_weight.sum((0, 2)) > 0)
-    first_row = int(rows.min()) if rows.numel() else q_len
-    acc = torch.zeros((batch, k_len, num_weightings), dtype=torch.float32, device=query.device)
-    if first_row >= q_len:
+    if rows.numel() == 0:
         return acc
-
-    q_rows = query[:, :, first_row:].float()  # (B, H, R, hd)
-    weights = query_weight[:, first_row:].float()  # (B, R, W)
-    if additive_mask is not None:
-        mask_rows = additive_mask[:, :, first_row:].float()  # (B, 1|H, R, K)
-    else:  # causal; keys may be preceded by a cache prefix of k_len - q_len positions
-        row_idx = torch.arange(first_row, q_len, device=query.device)[:, None] + (k_len - q_len)
-        col_idx = torch.arange(k_len, device=query.device)[None, :]
-        mask_rows = torch.where(col_idx <= row_idx, 0.0, _NEG)[None, None]
     key_f = key.float()
     if groups > 1:  # grouped-query attention: every key head serves `groups` query heads
         key_f = key_f.repeat_interleave(groups, dim=1)
-    for h0 in range(0, heads, head_chunk):
-        h1 = min(h0 + head_chunk, heads)
-        logits = torch.matmul(q_rows[:, h0:h1], key_f[:, h0:h1].transpose(-1, -2)) * scaling  # (B, h, R, K)
-        logits = logits + (mask_rows if mask_rows.shape[1] == 1 else mask_rows[:, h0:h1])
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, h, R, 1)
-        block = torch.exp(logits[..., key_columns] - lse)  # (B, h, R, Kv)
-        acc[:, key_columns] += torch.einsum("bhrk,brw->bkw", block, weights)
-    return acc / heads
 
-
-def weighted_column_sums_from_lse(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    logsumexp: torch.Tensor,
-    additive_mask: torch.Tensor | None,
-    scaling: float,
-    query_weight: torch.Tensor,
-    key_columns: slice,
-    head_chunk: int = 8,
-) -> torch.Tensor:
-    """:func:`weighted_column_sums_from_qk` when the fused kernel also returned each row's log-sum-exp.
-
-    Flash-style kernels compute ``lse[q] = log sum_k exp(logit[q, k])`` anyway; with it, the
-    probabilities of the wanted block are ``exp(logit - lse)`` and only the weighted rows against
-    the ``key_columns`` are formed: no pass over the full rows.
-
-    Args:
-        logsumexp: (B, H, Q) natural-log normalisers of the masked, scaled logits.
-        (others as in :func:`weighted_column_sums_from_qk`)
-    """
-    batch, heads, q_len, _ = query.shape
-    k_len = key.shape[2]
-    groups = heads // key.shape[1]
-    num_weightings = query_weight.shape[-1]
-    rows = torch.nonzero(query_weight.sum((0, 2)) > 0)
-    first_row = int(rows.min()) if rows.numel() else q_len
-    acc = torch.zeros((batch, k_len, num_weightings), dtype=torch.float32, device=query.device)
-    if first_row >= q_len:
-        return acc
-    q_rows = query[:, :, first_row:].float()
-    weights = query_weight[:, first_row:].float()
-    lse = logsumexp[:, :, first_row:, None].float()  # (B, H, R, 1)
-    key_block = key[:, :, key_columns].float()
-    if groups > 1:
-        key_block = key_block.repeat_interleave(groups, dim=1)
-    if additive_mask is not None:
-        mask_block = additive_mask[:, :, first_row:, key_columns].float()
-    else:  # causal with a cache prefix of k_len - q_len positions
-        row_idx = torch.arange(first_row, q_len, device=query.device)[:, None] + (k_len - q_len)
-        col_idx = torch.arange(k_len, device=query.device)[key_columns][None, :]
-        mask_block = torch.where(col_idx <= row_idx, 0.0, _NEG)[None, None]
-    for h0 in range(0, heads, head_chunk):
-        h1 = min(h0 + head_chunk, heads)
-        logits = torch.matmul(q_rows[:, h0:h1], key_block[:, h0:h1].transpose(-1, -2)) * scaling  # (B, h, R, Kv)
-        logits = logits + (mask_block if mask_block.shape[1] == 1 else mask_block[:, h0:h1])
-        block = torch.exp(logits - lse[:, h0:h1])
-        acc[:, key_columns] += torch.einsum("bhrk,brw->bkw", block, weights)
+    for r0 in range(int(rows.min()), q_len, row_chunk):
+        r1 = min(r0 + row_chunk, q_len)
+        visible = min(k_len, r1 + offset) if additive_mask is None else k_len  # keys any row here can see
+        stop = min(col_stop, visible)
+        if stop <= col_start:
+            continue
+        first_key = col_start if logsumexp is not None else 0  # the normaliser needs every visible key
+        last_key = stop if logsumexp is not None else visible
+        if additive_mask is None:
+            row_idx = torch.arange(r0, r1, device=query.device)[:, None] + offset
+            col_idx = torch.arange(first_key, last_key, device=query.device)[None, :]
+            mask = torch.where(col_idx <= row_idx, 0.0, _NEG)[None, None]
+        else:
+            mask = additive_mask[:, :, r0:r1, first_key:last_key].float()
+        weights = query_weight[:, r0:r1].float()  # (B, R, W)
+        for h0 in range(0, heads, head_chunk):
+            h1 = min(h0 + head_chunk, heads)
+            q_rows = query[:, h0:h1, r0:r1].float()  # (B, h, R, hd)
+            logits = torch.matmul(q_rows, key_f[:, h0:h1, first_key:last_key].transpose(-1, -2)) * scaling
+            logits = logits + (mask if mask.shape[1] == 1 else mask[:, h0:h1])
+            if logsumexp is not None:
+                lse = logsumexp[:, h0:h1, r0:r1, None].float()
+            else:
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            block = torch.exp(logits[..., col_start - first_key : stop - first_key] - lse)  # (B, h, R, Kv)
+            acc[:, col_start:stop] += torch.einsum("bhrk,brw->bkw", block, weights)
     return acc / heads
 
 
