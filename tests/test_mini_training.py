@@ -19,13 +19,15 @@ import torch
 from atp_repro.mini import cache
 from atp_repro.mini.evaluate import accuracy_by_family, avg_rate, blind_chance, evaluate, spearman, token_summary
 from atp_repro.mini.model import MiniModelConfig
+from atp_repro.mini.pretrain import PretrainConfig
 from atp_repro.mini.runs import MiniWorldConfig, upper_bound
 from atp_repro.mini.train import TrainConfig, batch_indices, cosine_with_warmup
 
 TINY_MODEL = MiniModelConfig(patch_size=24, vision_hidden=32, vision_layers=2, vision_ffn=64, vision_heads=2,
                              lm_hidden=32, lm_ffn=64, lm_heads=2, lm_layers=8)
-TINY_WORLD = MiniWorldConfig(model=TINY_MODEL, train=TrainConfig(steps=6, batch_size=4, n_train=24,
-                                                                   checkpoint_every=2), n_test=12)
+TINY_WORLD = MiniWorldConfig(model=TINY_MODEL, pretrain=PretrainConfig(steps=2, batch_size=4),
+                             train=TrainConfig(steps=6, batch_size=4, n_train=24, checkpoint_every=2, trainable="lm"),
+                             n_test=12)
 
 
 @pytest.fixture()

@@ -162,3 +162,20 @@ def test_model_builds_deterministically_and_runs(tok):
     gen = m1.generate(input_ids=g["input_ids"], attention_mask=g["attention_mask"],
                       pixel_values=g["pixel_values"], max_new_tokens=2, do_sample=False)
     assert gen.shape == (2, g["input_ids"].shape[1] + 2)
+
+
+def test_label_maps_and_pretraining_targets():
+    from atp_repro.mini.pretrain import HEADS, scene_targets
+    from atp_repro.mini.scenes import label_maps, patch_labels
+
+    s = generate_scene(np.random.default_rng(1), require_text=True)
+    objects, glyphs = label_maps(s)
+    assert set(np.unique(objects)) == set(range(len(s.objects) + 1))
+    assert glyphs.max() > 0
+    patches = patch_labels(objects, 12)
+    assert patches.shape == (12, 12) and set(np.unique(patches)) <= set(range(len(s.objects) + 1))
+    x, t = scene_targets(0, 12, SceneConfig())
+    assert x.shape == (3, 96, 96)
+    for name, n in HEADS.items():
+        assert t[name].shape == (144,) and int(t[name].max()) < n
+    assert int(t["centre"].sum()) >= 1

@@ -18,6 +18,7 @@ import torch
 from .cache import load_or_build, spec_hash
 from .data import MiniVQA
 from .model import MiniModelConfig, build_model, count_parameters
+from .pretrain import PretrainConfig, pretrain_vision_tower
 from .scenes import SceneConfig
 from .tokenizer import build_tokenizer
 from .train import TrainConfig, train
@@ -29,7 +30,8 @@ class MiniWorldConfig:
 
     model: MiniModelConfig = MiniModelConfig()
     scene: SceneConfig = SceneConfig()
-    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()  # the vision tower (stand-in for pretrained CLIP)
+    train: TrainConfig = TrainConfig(trainable="lm")  # projector + LM on VQA, vision tower frozen (LLaVA)
     n_val: int = 300
     n_test: int = 600
     world_seed: int = 0
@@ -80,9 +82,31 @@ def _asdict(obj: Any) -> dict:
     return dict(vars(obj))
 
 
+def vision_spec(world: MiniWorldConfig) -> dict:
+    return {"kind": "vision_pretrain", "model": _asdict(world.model), "scene": _asdict(world.scene),
+            "pretrain": _asdict(world.pretrain), "world_seed": world.world_seed}
+
+
+def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple[dict, RunInfo]:
+    """State dict of the pretrained vision tower (cached)."""
+    spec = vision_spec(world)
+    tok = build_tokenizer()
+
+    def build(folder: Path) -> dict:
+        model = build_model(world.model, tok)
+        summary = pretrain_vision_tower(model, world.grid, world.scene, world.pretrain,
+                                        world_seed=world.world_seed, progress=progress)
+        torch.save(model.model.vision_tower.state_dict(), folder / "vision_tower.pt")
+        return {"wall_time_s": summary["pretrain_wall_time_s"], **summary}
+
+    folder, manifest, status = load_or_build("vision_pretrain", spec, build)
+    return torch.load(folder / "vision_tower.pt", weights_only=True), RunInfo("vision_pretrain", folder, status, manifest)
+
+
 def upper_bound_spec(world: MiniWorldConfig) -> dict:
     return {
         "kind": "upper_bound",
+        "vision": spec_hash(vision_spec(world)),
         "model": _asdict(world.model),
         "scene": _asdict(world.scene),
         "train": _asdict(world.train),
@@ -117,10 +141,13 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
 
     def build(folder: Path) -> dict:
         model = build_model(world.model, tok)
+        vision, vinfo = pretrained_vision(world, progress=progress)
+        model.model.vision_tower.load_state_dict(vision)
         ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
                     run_spec=spec, progress=progress)
-        return _finish(folder, model, tok, res, {})
+        return _finish(folder, model, tok, res, {"vision_pretrain_wall_time_s": vinfo.wall_time_s,
+                                                 "vision_pretrain_status": vinfo.status})
 
     folder, manifest, status = load_or_build("upper_bound", spec, build)
     model = build_model(world.model, tok)

@@ -252,3 +252,43 @@ def busy_patch_fraction(image: np.ndarray, grid: int, threshold: float = 12.0) -
     patches = image[: grid * p, : grid * p].reshape(grid, p, grid, p, 3).astype(np.float32)
     std = patches.std(axis=(1, 3)).mean(axis=-1)
     return float((std > threshold).mean())
+
+
+def label_maps(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel object ids (0 = background, i + 1 = ``scene.objects[i]``) and text glyph ids
+    (0 = none, k + 1 = ``TEXT_ALPHABET[k]``), drawn with the same primitives as the image."""
+    size = scene.image.shape[0]
+    pil = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(pil)
+    for i, obj in enumerate(scene.objects):
+        box = (obj.x - obj.radius, obj.y - obj.radius, obj.x + obj.radius, obj.y + obj.radius)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=i + 1)
+        elif obj.shape == "square":
+            s = obj.radius * 0.85
+            draw.rectangle((obj.x - s, obj.y - s, obj.x + s, obj.y + s), fill=i + 1)
+        else:
+            draw.polygon(_shape_polygon(obj), fill=i + 1)
+    objects = np.asarray(pil, dtype=np.int64).copy()
+    glyphs = np.zeros((size, size), dtype=np.int64)
+    if scene.text is not None:
+        x0, y0, x1, y1 = scene.text.box
+        scale = (y1 - y0) // 9
+        for i, ch in enumerate(scene.text.text):
+            gx = x0 + scale + i * 6 * scale
+            glyphs[y0 + scale : y0 + 8 * scale, gx : gx + 5 * scale] = TEXT_ALPHABET.index(ch) + 1
+        objects[y0:y1, x0:x1] = 0
+    return objects, glyphs
+
+
+def patch_labels(labels: np.ndarray, grid: int, min_pixels: int = 1) -> np.ndarray:
+    """(grid, grid) majority non-zero label per patch (0 if fewer than ``min_pixels`` labelled pixels)."""
+    h = labels.shape[0]
+    p = h // grid
+    blocks = labels[: grid * p, : grid * p].reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid, grid, p * p)
+    n = int(labels.max()) + 1
+    counts = np.stack([(blocks == k).sum(-1) for k in range(n)], axis=-1)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    best[counts.max(-1) < min_pixels] = 0
+    return best

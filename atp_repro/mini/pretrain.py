@@ -1,0 +1,137 @@
+"""Vision-tower pretraining: the mini world's stand-in for LLaVA's pretrained CLIP encoder.
+
+LLaVA-1.5 never trains its vision tower: it starts from CLIP ViT-L/14, pretrained on 400M image-text
+pairs, and keeps it frozen. The mini world cannot download CLIP, so it pretrains its own small CLIP
+vision tower on a dense perception task over the same procedural scenes (a different seed stream
+from every VQA split):
+
+* per patch: the colour, shape and size of the object covering most of it (or none), whether the
+  object's centre lies in it, and the text glyph covering it (or none);
+* per image (mean-pooled patches): the background texture and tone.
+
+The heads read the hidden state LLaVA feeds to its projector (``vision_feature_layer``), and are
+discarded afterwards. The upper bound then trains projector + LM on the VQA task with this tower
+frozen, as LLaVA does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import image_to_tensor
+from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXT_ALPHABET, SceneConfig, generate_scene, label_maps, patch_labels
+from .train import cosine_with_warmup
+
+PRETRAIN_SEED = 44  # scene stream of the pretraining images (the VQA splits use 11, 22, 33)
+HEADS: dict[str, int] = {  # per-patch classification heads: classes including "none" (0)
+    "colour": len(COLOURS) + 1,
+    "shape": len(SHAPES) + 1,
+    "size": len(SIZES) + 1,
+    "centre": 2,
+    "glyph": len(TEXT_ALPHABET) + 1,
+}
+GLOBAL_HEADS: dict[str, int] = {"background": len(BACKGROUNDS), "tone": 2}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    seed: int = 0
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"PretrainConfig.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"PretrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def replace(self, **changes) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def scene_targets(index: int, grid: int, scene_cfg: SceneConfig, world_seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Pixel tensor and dense targets of pretraining image ``index``."""
+    rng = np.random.default_rng([world_seed, PRETRAIN_SEED, index])
+    scene = generate_scene(rng, scene_cfg)
+    objects, glyphs = label_maps(scene)
+    obj = patch_labels(objects, grid).reshape(-1)
+    colour_ids = {c: i + 1 for i, c in enumerate(COLOURS)}
+    shape_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
+    size_ids = {s: i + 1 for i, s in enumerate(SIZES)}
+    lut = {k: np.zeros(len(scene.objects) + 1, dtype=np.int64) for k in ("colour", "shape", "size")}
+    centre = np.zeros(grid * grid, dtype=np.int64)
+    p = scene.image.shape[0] / grid
+    for i, o in enumerate(scene.objects):
+        lut["colour"][i + 1], lut["shape"][i + 1], lut["size"][i + 1] = colour_ids[o.colour], shape_ids[o.shape], size_ids[o.size]
+        centre[min(int(o.y // p), grid - 1) * grid + min(int(o.x // p), grid - 1)] = 1
+    targets = {k: torch.from_numpy(lut[k][obj]) for k in lut}
+    targets["centre"] = torch.from_numpy(centre)
+    targets["glyph"] = torch.from_numpy(patch_labels(glyphs, grid).reshape(-1))
+    targets["background"] = torch.tensor(BACKGROUNDS.index(scene.background))
+    targets["tone"] = torch.tensor(0 if scene.tone == "dark" else 1)
+    return image_to_tensor(scene.image), targets
+
+
+class PerceptionHeads(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.patch = nn.Linear(hidden, sum(HEADS.values()))
+        self.image = nn.Linear(hidden, sum(GLOBAL_HEADS.values()))
+
+    def loss(self, feats: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.patch(feats)  # (B, N, C)
+        out, parts, start = 0.0, {}, 0
+        for name, n in HEADS.items():
+            l = nn.functional.cross_entropy(logits[..., start : start + n].flatten(0, 1), targets[name].flatten())
+            out, parts[name], start = out + l, float(l.detach()), start + n
+        g = self.image(feats.mean(1))
+        start = 0
+        for name, n in GLOBAL_HEADS.items():
+            l = nn.functional.cross_entropy(g[:, start : start + n], targets[name])
+            out, parts[name], start = out + l, float(l.detach()), start + n
+        return out, parts
+
+
+def pretrain_vision_tower(model, grid: int, scene_cfg: SceneConfig, cfg: PretrainConfig, *,
+                          world_seed: int = 0, progress: bool = True) -> dict:
+    """Train ``model.model.vision_tower`` in place on dense perception targets; returns a summary."""
+    torch.set_num_threads(cfg.num_threads)
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        heads = PerceptionHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(round(cfg.warmup_ratio * cfg.steps))) if cfg.warmup_ratio > 0 else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.steps, warm))
+    tower.train()
+    losses, t0 = [], time.perf_counter()
+    for step in tqdm(range(cfg.steps), disable=not progress, desc="pretrain vision"):
+        items = [scene_targets(step * cfg.batch_size + b, grid, scene_cfg, world_seed) for b in range(cfg.batch_size)]
+        pixels = torch.stack([x for x, _ in items])
+        targets = {k: torch.stack([t[k] for _, t in items]) for k in items[0][1]}
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        loss, parts = heads.loss(hidden, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    tower.eval()
+    return {"pretrain_wall_time_s": time.perf_counter() - t0, "pretrain_losses": losses, "pretrain_final_parts": parts}
