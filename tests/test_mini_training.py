@@ -209,3 +209,15 @@ def test_cache_atomic_write(tmp_path):
     cache.atomic_write_bytes(p, b"abc")
     assert p.read_bytes() == b"abc" and not [q for q in p.parent.iterdir() if q.name.endswith(".tmp")]
     assert cache.spec_hash({"a": 1, "b": 2}) == cache.spec_hash({"b": 2, "a": 1})
+
+
+def test_cli_train_and_eval_are_registered():
+    from atp_repro.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--stage", "atp", "--frozen-lm", "--tokens-576", "88", "--steps", "5"])
+    assert args.stage == "atp" and args.frozen_lm and args.tokens_576 == 88 and args.steps == 5
+    args = parser.parse_args(["eval", "--n-test", "12", "--out", "x.csv"])
+    assert args.stage == "upper-bound" and args.n_test == 12
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--stage", "lora"])

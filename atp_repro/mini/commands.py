@@ -22,25 +22,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="ATP fine-tuning steps")
     parser.add_argument("--frozen-lm", action="store_true", help="train only the ATP modules")
     parser.add_argument("--tokens-576", type=float, default=None,
-                        help="token target in 576-equivalents (N_target scaled by 130/144); default: config n_target")
+                        help="token goal in LLaVA-1.5 units of 576 (N_target = goal x 130/144); default 144")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _load(args: argparse.Namespace):
-    from atp_repro.mini import runs
+    from atp_repro.mini.experiments import Setup, Variant
 
-    cfg = runs.load_mini_config(args.config)
-    world = runs.world_from_config(cfg)
+    setup = Setup.load(args.config, finetune_steps=args.steps)
     if args.stage == "upper-bound":
-        return runs.upper_bound(world, progress=not args.no_progress), world
-    changes = {}
-    if args.tokens_576 is not None:
-        changes["n_target"] = runs.tokens_for_576(args.tokens_576 * 130 / 144, world.grid)
-    if args.frozen_lm:
-        changes["position_encoding"] = "original"
-    atp = runs.atp_from_config(cfg, grid=world.grid, **changes)
-    tcfg = runs.finetune_config(cfg, steps=args.steps or runs.FINETUNE_STEPS, frozen_lm=args.frozen_lm or None)
-    return runs.atp_finetune(world, atp, tcfg, progress=not args.no_progress), world
+        return setup.upper_bound(progress=not args.no_progress), setup.world
+    # the same runs as the notebooks' catalogue (trainable_144, frozen_88, ...), so the cache is shared
+    variant = Variant(args.tokens_576 or 144.0, bool(args.frozen_lm),
+                      (("position_encoding", "original"),) if args.frozen_lm else ())
+    return setup.finetune(variant, progress=not args.no_progress), setup.world
 
 
 @subcommand("train", help="train a mini-world model (upper bound or ATP fine-tune), cached and resumable")

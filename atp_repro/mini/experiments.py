@@ -97,10 +97,14 @@ class Setup:
     def upper_bound(self, progress: bool = True):
         return runs.upper_bound(self.world, progress=progress)
 
-    def finetune(self, name: str, progress: bool = True):
-        if name not in VARIANTS:
+    def finetune(self, name: str | Variant, progress: bool = True):
+        """A catalogue variant by name (or any :class:`Variant`), trained once and then cached."""
+        if isinstance(name, Variant):
+            v = name
+        elif name in VARIANTS:
+            v = VARIANTS[name]
+        else:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {name!r}")
-        v = VARIANTS[name]
         return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v), progress=progress)
 
     def test_set(self, tokenizer):
