@@ -69,7 +69,8 @@ class Setup:
 
     @classmethod
     def load(cls, config: str | None = None, *, grid: int | None = None, ub_steps: int | None = None,
-             finetune_steps: int | None = None, n_train_ub: int | None = None, n_test: int | None = None) -> "Setup":
+             finetune_steps: int | None = None, n_train_ub: int | None = None, n_test: int | None = None,
+             pretrain_steps: int | None = None) -> "Setup":
         cfg = runs.load_mini_config(config)
         world = runs.world_from_config(cfg)
         if grid is not None:
@@ -80,6 +81,8 @@ class Setup:
                 steps=steps, n_train=n_train_ub or max(world.train.n_train, steps * world.train.batch_size)))
         if n_test is not None:
             world = world.replace(n_test=n_test)
+        if pretrain_steps is not None:
+            world = world.replace(pretrain=world.pretrain.replace(steps=pretrain_steps))
         return cls(cfg, world, finetune_steps or runs.FINETUNE_STEPS, n_test)
 
     @property
