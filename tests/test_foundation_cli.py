@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from atp_repro import cli
+from atp_repro.paths import repo_root
+from atp_repro.training_config import format_value, load_training_config
 
 SUBCOMMANDS = ("info", "paper-numbers", "reproduce", "run-notebooks", "show-config")
 
@@ -45,8 +47,10 @@ def test_show_config_prints_the_resolved_values(capsys: pytest.CaptureFixture[st
     assert cli.main(["show-config", "configs/mini_world.yaml"]) == 0
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out.split("\n# changes")[0])
-    assert resolved["atp"]["n_target"] == 32.5 and resolved["training"]["lr_llm"] == 2e-4
-    assert "training.lr_llm: 2e-5 -> 2e-4" in out
+    mini = load_training_config(repo_root() / "configs" / "mini_world.yaml")
+    assert resolved["atp"]["n_target"] == mini.atp.n_target
+    assert resolved["training"]["lr_llm"] == mini.training.lr_llm
+    assert f"training.lr_llm: 2e-5 -> {format_value('training.lr_llm', mini.training.lr_llm)}" in out
     assert cli.main(["show-config", "configs/llava15_7b_atp.yaml", "--format", "table"]) == 0
     assert "training.lr_llm" in capsys.readouterr().out
 
