@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import pkgutil
+from pathlib import Path
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,10 +67,10 @@ def _load_plugins() -> None:
     import atp_repro
 
     for info in pkgutil.iter_modules(atp_repro.__path__):
-        if info.ispkg:
-            module = f"atp_repro.{info.name}.commands"
-            if importlib.util.find_spec(module) is not None:
-                importlib.import_module(module)
+        # Look for the file rather than calling find_spec, which would import the subpackage
+        # itself (atp_repro.atp imports torch and transformers).
+        if info.ispkg and any(Path(p, info.name, "commands.py").is_file() for p in atp_repro.__path__):
+            importlib.import_module(f"atp_repro.{info.name}.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
