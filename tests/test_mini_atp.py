@@ -14,7 +14,7 @@ from atp_repro.mini.train import TrainConfig
 from tests.test_mini_training import TINY_WORLD
 
 ATP = ATPConfig(module_layers=(0, 3, 5), grid_strides=(2, 4), n_target=6.0, ste_temperature=10.0,
-                position_encoding="learned2d", scoring_backend="eager")
+                position_encoding="learned2d")
 FT = TrainConfig(steps=3, batch_size=4, n_train=12, lr_lm=1e-3, lr_atp=5e-2, trainable="lm", checkpoint_every=2)
 
 

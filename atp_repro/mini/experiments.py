@@ -24,7 +24,6 @@ from .cache import load_or_build
 from .evaluate import EvalResult, accuracy_by_family, avg_rate, complexity_correlation, evaluate, token_summary
 
 PAPER_TARGET_RATIO = 130.0 / 144.0  # N_target 130 -> 144 tokens (supplementary Table 6, main row)
-TRAINING_SCORING_BACKEND = "eager"  # pruning layers read an explicit attention map (paper strategy (2))
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ class Setup:
 
     def atp_config(self, variant: Variant):
         n_target = runs.tokens_for_576(variant.tokens_576 * PAPER_TARGET_RATIO, self.grid)
-        changes = {"n_target": n_target, "scoring_backend": TRAINING_SCORING_BACKEND, **variant.atp_changes()}
+        changes = {"n_target": n_target, **variant.atp_changes()}
         return runs.atp_from_config(self.cfg, grid=self.grid, **changes)
 
     def train_config(self, variant: Variant):
