@@ -110,6 +110,7 @@ class MiniVQA(torch.utils.data.Dataset):
         scene_cfg: SceneConfig = SceneConfig(),
         offset: int = 0,
         turns: int = 1,
+        question_first: bool = False,
     ) -> None:
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
@@ -118,6 +119,7 @@ class MiniVQA(torch.utils.data.Dataset):
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
         self.split, self.n, self.offset, self.turns = split, n, offset, turns
+        self.question_first = question_first
         self.tokenizer, self.n_image_tokens = tokenizer, n_image_tokens
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
@@ -135,6 +137,7 @@ class MiniVQA(torch.utils.data.Dataset):
         tok = self.tokenizer
         prompt = (
             self._prefix
+            + (encode_words(tok, s.question.question) if self.question_first else [])
             + [tok.image_token_id] * self.n_image_tokens
             + encode_words(tok, s.question.question)
             + self._assistant
