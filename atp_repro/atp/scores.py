@@ -39,7 +39,7 @@ def weighted_column_sums_from_qk(
     key_columns: slice,
     logsumexp: torch.Tensor | None = None,
     head_chunk: int = 8,
-    row_chunk: int = 256,
+    row_chunk: int = 128,
 ) -> torch.Tensor:
     """Same as :func:`weighted_column_sums`, computed from a layer's queries and keys.
 
