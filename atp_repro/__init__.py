@@ -19,6 +19,7 @@ __all__ = [
     "atp_parameters",
     "budget_breakdown",
     "budget_loss",
+    "has_atp",
     "last_atp_record",
     "load_atp",
     "load_atp_pretrained",

@@ -198,3 +198,13 @@ def test_bad_inputs_raise_clear_errors():
     flash.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="additive float masks"):
         flash(**inputs)
+
+
+def test_has_atp():
+    from atp_repro import has_atp
+
+    model = tiny_llava()
+    assert not has_atp(model)
+    assert has_atp(apply_atp(model, ATPConfig(module_layers=LAYERS)))
+    with pytest.raises(ValueError, match="apply_atp"):
+        token_counts(tiny_llava())

@@ -111,6 +111,12 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     return model
 
 
+def has_atp(model: nn.Module) -> bool:
+    """True if :func:`apply_atp` was applied to this model."""
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    return getattr(lm, "_atp_runtime", None) is not None
+
+
 def atp_config(model: nn.Module) -> ATPConfig:
     """The ATPConfig a model was given."""
     return _runtime(model).config
