@@ -137,6 +137,10 @@ def test_scores_equal_a_direct_computation_from_output_attentions():
                 prompt = ((torch.arange(len(ids)) > vision.max()) & valid).nonzero().flatten()
                 self_direct = torch.stack([probs[b, vision[vision >= k], k].mean() for k in vision])
                 cross_direct = probs[b][prompt][:, vision].mean(0)
+                # Nothing is pruned (fixed_keep = all), so positions are the input's.
+                assert torch.equal(record.vision_positions[m][b][vision], torch.arange(64))
+                torch.testing.assert_close(record.self_importance[m][b][vision], self_direct, atol=1e-6, rtol=1e-4)
+                torch.testing.assert_close(record.cross_importance[m][b][vision], cross_direct, atol=1e-6, rtol=1e-4)
                 expected = 0.5 * (_minmax(self_direct) + _minmax(cross_direct))
                 got = record.redundancy[m][b][vision]
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -45,6 +45,9 @@ class ATPRecord:
     kept_vision_indices: list[list[torch.Tensor]]  # [module][sample] -> original grid indices alive after it
     thresholds: list[tuple[torch.Tensor, torch.Tensor]]  # [module] -> (theta_r, theta_s), each (B,)
     redundancy: list[torch.Tensor]  # [module] -> (B, L_stage) S_r in that stage's sequence layout
+    self_importance: list[torch.Tensor]  # [module] -> (B, L_stage) raw self-modality importance
+    cross_importance: list[torch.Tensor]  # [module] -> (B, L_stage) raw cross-modality importance
+    vision_positions: list[torch.Tensor]  # [module] -> (B, L_stage) original grid index per position, -1 for text
     grid_size: int
     soft: bool
     overhead_seconds: float  # scoring + thresholds + gathering, excluding the layers themselves
@@ -164,6 +167,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
     stage_counts = [torch.full((batch,), float(num_vision), device=device)]
     kept, thresholds, redundancy, stages = [], [], [], []
+    self_scores, cross_scores, layouts = [], [], []
     overhead = 0.0
 
     for layer_idx, layer in enumerate(model.layers[: model.config.num_hidden_layers]):
@@ -192,6 +196,9 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
                                  num_vision, keep_value)
         thresholds.append((decision.theta_r, decision.theta_s))
         redundancy.append(decision.redundancy)
+        self_scores.append(decision.self_importance)
+        cross_scores.append(decision.cross_importance)
+        layouts.append(torch.where(is_vision, seq.grid_index, -1))
         kept.append([seq.grid_index[b][decision.keep[b]].sort().values for b in range(batch)])
 
         if soft:
@@ -228,7 +235,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     runtime.record = ATPRecord(
         stage_counts=counts,
         token_counts=per_layer_counts(counts.detach(), cfg.module_layers, model.config.num_hidden_layers).round().long(),
-        kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, grid_size=grid, soft=soft,
+        kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, self_importance=self_scores,
+        cross_importance=cross_scores, vision_positions=layouts, grid_size=grid, soft=soft,
         overhead_seconds=overhead,
     )
     if cache is not None:
