@@ -27,11 +27,11 @@ import argparse
 import importlib
 import json
 import pkgutil
-from pathlib import Path
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 __all__ = ["subcommand", "build_parser", "main", "Handler", "Configure"]

@@ -68,7 +68,8 @@ def test_left_padded_batch_equals_single_runs_with_different_counts(impl):
     assert len(set(batch_counts[:, -1].tolist())) > 1, "thresholds should keep different counts per sample"
     for i in range(3):
         keep = batch["attention_mask"][i].bool()
-        single = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep],
+        single = {"input_ids": batch["input_ids"][i : i + 1, keep],
+                  "attention_mask": batch["attention_mask"][i : i + 1, keep],
                   "pixel_values": batch["pixel_values"][i : i + 1]}
         out = model.generate(**single, max_new_tokens=6, do_sample=False)
         assert torch.equal(out[0, -6:], generated[i, -6:]), f"sample {i} differs"

@@ -17,4 +17,20 @@ from .api import (
 from .config import ATPConfig, proportional_module_layers
 from .language_model import ATPRecord
 
-# The public names are listed once, in atp_repro.__all__ (which re-exports them lazily).
+__all__ = [
+    "ATPConfig",
+    "ATPRecord",
+    "apply_atp",
+    "atp_config",
+    "atp_parameters",
+    "budget_breakdown",
+    "budget_loss",
+    "has_atp",
+    "last_atp_record",
+    "load_atp",
+    "load_atp_pretrained",
+    "proportional_module_layers",
+    "save_atp",
+    "save_atp_pretrained",
+    "token_counts",
+]

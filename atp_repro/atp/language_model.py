@@ -234,7 +234,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     counts = torch.stack(stage_counts, -1)
     runtime.record = ATPRecord(
         stage_counts=counts,
-        token_counts=per_layer_counts(counts.detach(), cfg.module_layers, model.config.num_hidden_layers).round().long(),
+        token_counts=per_layer_counts(counts.detach(), cfg.module_layers,
+                                      model.config.num_hidden_layers).round().long(),
         kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, self_importance=self_scores,
         cross_importance=cross_scores, vision_positions=layouts, grid_size=grid, soft=soft,
         overhead_seconds=overhead,
