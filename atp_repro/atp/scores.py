@@ -26,8 +26,9 @@ def weighted_column_sums(attn_probs: torch.Tensor, query_weight: torch.Tensor) -
     Returns:
         (B, K, W) sum_q w_q * mean_h attn_probs[b, h, q, k] for every weighting.
     """
-    # (B, H, Q, K) x (B, Q, W) -> (B, K, W)
-    return torch.einsum("bhqk,bqw->bkw", attn_probs.float(), query_weight.float()) / attn_probs.shape[1]
+    # Head average first, then one batched matmul: (B, K, Q) @ (B, Q, W) -> (B, K, W).
+    head_mean = attn_probs.float().mean(1)
+    return torch.bmm(head_mean.transpose(1, 2), query_weight.float())
 
 
 def weighted_column_sums_from_qk(
