@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
+from ..paths import atomic_write_bytes
 from .config import ATPConfig
 from .language_model import ATPRecord, ATPRuntime, atp_language_model_class
 from .loss import budget_terms
@@ -163,9 +165,9 @@ def save_atp(model: nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atp_config(model).save(directory / ATP_CONFIG_FILE)
-    tmp = directory / (ATP_WEIGHTS_FILE + ".tmp")
-    torch.save(_language_model(model).atp_modules.state_dict(), tmp)
-    tmp.replace(directory / ATP_WEIGHTS_FILE)
+    buffer = io.BytesIO()
+    torch.save(_language_model(model).atp_modules.state_dict(), buffer)
+    atomic_write_bytes(directory / ATP_WEIGHTS_FILE, buffer.getvalue())
 
 
 def load_atp(model: nn.Module, directory: str | Path) -> nn.Module:

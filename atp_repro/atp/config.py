@@ -155,10 +155,9 @@ class ATPConfig:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
+        from ..paths import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> ATPConfig:

@@ -17,15 +17,17 @@ The root is ``<repo>/.cache/atp-repro`` (git-ignored), or ``$ATP_REPRO_CACHE`` i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from ..paths import atomic_write_bytes  # the project's one atomic writer
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -69,35 +71,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through the project's atomic writer (temp file, fsync, rename over ``path``)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def artifact_dir(name: str, spec: dict, root: Path | None = None) -> Path:
