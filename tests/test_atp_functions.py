@@ -123,6 +123,25 @@ def test_scores_from_qk_equal_scores_from_the_probability_map(gqa, masked, with_
     assert (got[:, :4] == 0).all() and (got[:, 10:] == 0).all()
 
 
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("row_chunk", [3, 256])
+def test_scores_from_qk_with_a_cached_prefix_follow_the_shifted_causal_diagonal(with_lse, row_chunk):
+    """Keys = a 5-token cache prefix + the queries: query i sees keys 0..i + 5."""
+    torch.manual_seed(1)
+    batch, heads, q_len, prefix, dim = 1, 2, 9, 5, 8
+    query = torch.randn(batch, heads, q_len, dim)
+    key = torch.randn(batch, heads, prefix + q_len, dim)
+    additive = to_additive_mask(None, q_len, prefix + q_len, torch.float32, query.device)
+    logits = query @ key.transpose(-1, -2) / math.sqrt(dim) + additive
+    weights = torch.rand(batch, q_len, 2)
+    expected = weighted_column_sums(logits.softmax(-1), weights)
+    lse = torch.logsumexp(logits, dim=-1) if with_lse else None
+    got = weighted_column_sums_from_qk(query, key, None, 1 / math.sqrt(dim), weights, slice(2, 12), logsumexp=lse,
+                                       row_chunk=row_chunk)
+    torch.testing.assert_close(got[:, 2:12], expected[:, 2:12], atol=1e-6, rtol=1e-4)
+    assert (got[:, :2] == 0).all() and (got[:, 12:] == 0).all()
+
+
 def test_normalisation_ignores_invalid_positions():
     scores = torch.tensor([[5.0, 1.0, 2.0, 3.0]])
     valid = torch.tensor([[False, True, True, True]])

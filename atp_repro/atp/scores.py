@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-_NEG = torch.finfo(torch.float32).min
-
 
 def weighted_column_sums(attn_probs: torch.Tensor, query_weight: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention received by every key, summed over queries with weights.
@@ -40,7 +38,7 @@ def weighted_column_sums_from_qk(
     key_columns: slice,
     logsumexp: torch.Tensor | None = None,
     head_chunk: int = 8,
-    row_chunk: int = 128,
+    row_chunk: int = 256,
 ) -> torch.Tensor:
     """Same as :func:`weighted_column_sums`, computed from a layer's queries and keys.
 
@@ -52,7 +50,13 @@ def weighted_column_sums_from_qk(
     - With ``logsumexp`` (the per-row normaliser that flash-style kernels compute anyway) only the
       rows x ``key_columns`` block of logits is formed: P = exp(logit - lse).
     - Without it, the rows' logits against all visible keys are formed for the normaliser.
-    - With a causal mask (``additive_mask`` None), keys after a row chunk's last query are skipped.
+    - With a causal mask (``additive_mask`` None), keys after a row chunk's last query are skipped,
+      and no (R, K) float mask is added: with ``logsumexp`` the block's upper triangle is zeroed
+      after ``exp`` (``tril``), without it future keys are filled with -inf before the normaliser.
+
+    Each block costs one (h*R, hd) x (hd, K) matmul, two or three elementwise passes (in place
+    unless autograd records them) and one (W, h*R) x (h*R, K) matmul that applies the query
+    weights and sums over heads at once.
 
     Args:
         query: (B, H, Q, hd) queries with RoPE applied.
@@ -71,13 +75,17 @@ def weighted_column_sums_from_qk(
     offset = k_len - q_len
     groups = heads // key.shape[1]
     col_start, col_stop = key_columns.start, key_columns.stop
-    acc = torch.zeros((batch, k_len, query_weight.shape[-1]), dtype=torch.float32, device=query.device)
+    acc = torch.zeros((batch, query_weight.shape[-1], k_len), dtype=torch.float32, device=query.device)  # (B, W, K)
     rows = torch.nonzero(query_weight.sum((0, 2)) > 0)
     if rows.numel() == 0:
-        return acc
+        return acc.transpose(1, 2).contiguous()
     key_f = key.float()
     if groups > 1:  # grouped-query attention: every key head serves `groups` query heads
         key_f = key_f.repeat_interleave(groups, dim=1)
+    weights_t = query_weight.float().transpose(1, 2)  # (B, W, Q)
+    # In place on the block's own buffers unless autograd records them (soft path with a trainable LM).
+    in_place = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, additive_mask, query_weight)))
 
     for r0 in range(int(rows.min()), q_len, row_chunk):
         r1 = min(r0 + row_chunk, q_len)
@@ -87,25 +95,34 @@ def weighted_column_sums_from_qk(
             continue
         first_key = col_start if logsumexp is not None else 0  # the normaliser needs every visible key
         last_key = stop if logsumexp is not None else visible
-        if additive_mask is None:
-            row_idx = torch.arange(r0, r1, device=query.device)[:, None] + offset
-            col_idx = torch.arange(first_key, last_key, device=query.device)[None, :]
-            mask = torch.where(col_idx <= row_idx, 0.0, _NEG)[None, None]
-        else:
-            mask = additive_mask[:, :, r0:r1, first_key:last_key].float()
-        weights = query_weight[:, r0:r1].float()  # (B, R, W)
+        # Row i of the block is query r0 + i (key position r0 + i + offset), column j is key first_key + j:
+        # under the causal mask it is visible iff j - i <= diagonal.
+        diagonal = r0 + offset - first_key
+        future = None
+        if additive_mask is None and logsumexp is None:  # the normaliser must not see future keys
+            future = torch.ones(r1 - r0, last_key - first_key, dtype=torch.bool, device=query.device).triu_(
+                diagonal + 1)
         for h0 in range(0, heads, head_chunk):
             h1 = min(h0 + head_chunk, heads)
-            q_rows = query[:, h0:h1, r0:r1].float()  # (B, h, R, hd)
-            logits = torch.matmul(q_rows, key_f[:, h0:h1, first_key:last_key].transpose(-1, -2)) * scaling
-            logits = logits + (mask if mask.shape[1] == 1 else mask[:, h0:h1])
+            q_rows = query[:, h0:h1, r0:r1].float() * scaling  # (B, h, R, hd)
+            logits = torch.matmul(q_rows, key_f[:, h0:h1, first_key:last_key].transpose(-1, -2))  # (B, h, R, K')
+            if additive_mask is not None:
+                mask = additive_mask[:, :, r0:r1, first_key:last_key]
+                logits = logits + (mask if mask.shape[1] == 1 else mask[:, h0:h1])
+            elif future is not None:
+                logits = logits.masked_fill(future, float("-inf"))
             if logsumexp is not None:
                 lse = logsumexp[:, h0:h1, r0:r1, None].float()
             else:
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            block = torch.exp(logits[..., col_start - first_key : stop - first_key] - lse)  # (B, h, R, Kv)
-            acc[:, col_start:stop] += torch.einsum("bhrk,brw->bkw", block, weights)
-    return acc / heads
+            probs = logits.sub_(lse).exp_() if in_place else torch.exp(logits - lse)  # (B, h, R, K')
+            if additive_mask is None and logsumexp is not None:  # zero the keys after each query
+                probs = probs.tril_(diagonal) if in_place else probs.tril(diagonal)
+            block = probs[..., col_start - first_key : stop - first_key]  # (B, h, R, Kv)
+            # Every head shares the query weights: (B, W, h*R) @ (B, h*R, Kv) sums over heads and rows.
+            weights = weights_t[:, :, r0:r1].repeat(1, 1, h1 - h0)
+            acc[:, :, col_start:stop] += torch.bmm(weights, block.reshape(batch, (h1 - h0) * (r1 - r0), -1))
+    return (acc / heads).transpose(1, 2).contiguous()
 
 
 def self_modality_importance(column_sums: torch.Tensor, vision_weight: torch.Tensor) -> torch.Tensor:
