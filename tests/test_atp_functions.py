@@ -12,6 +12,7 @@ from atp_repro.atp.attention import to_additive_mask
 from atp_repro.atp.loss import budget_terms, per_layer_counts
 from atp_repro.atp.masks import (
     attention_log_bias,
+    causal_mask_corner,
     compaction_index,
     gather_positions,
     hard_keep,
@@ -197,6 +198,37 @@ def test_compaction_keeps_order_and_left_pads():
     assert gather_positions(hidden, index)[..., 0].tolist() == [[0.0, 2.0, 3.0], [4.0, 4.0, 5.0]]
 
 
+def test_gather_positions_matches_torch_gather_on_expanded_batches():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 5)
+    cos = torch.randn(1, 7, 4).expand(3, -1, -1)  # batch-expanded, as the rotary tables are
+    index = torch.tensor([[0, 2, 6], [1, 1, 3], [4, 5, 6]])
+    for tensor in (hidden, cos, torch.arange(7).expand(3, -1)):
+        expected = torch.gather(tensor, 1, index.reshape(3, 3, *[1] * (tensor.dim() - 2)).expand(
+            3, 3, *tensor.shape[2:]))
+        assert torch.equal(gather_positions(tensor, index), expected)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_causal_mask_corner_equals_a_mask_built_for_the_shorter_sequence(impl):
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1)
+    config._attn_implementation = impl
+
+    def build(length):
+        embeds = torch.zeros(2, length, 8)
+        return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=torch.ones(2, length).long(),
+                                  cache=None, position_ids=torch.arange(length)[None])
+
+    ok, corner = causal_mask_corner(build(9), 4)
+    expected = build(4)
+    assert ok
+    assert (corner is None and expected is None) or torch.equal(corner, expected)
+    assert causal_mask_corner(object(), 4) == (False, None)
+
+
 def test_budget_terms_by_hand():
     # 8 layers, modules after layers 1, 3, 5; 100 tokens -> 50 -> 20 -> 10.
     stage = torch.tensor([[100.0, 50.0, 20.0, 10.0]])
@@ -240,3 +272,17 @@ def test_real_scale_training_config_builds_the_paper_atp_config():
     config = ATPConfig(**training.atp_kwargs())
     assert config.module_layers == (4, 14, 24)
     assert (config.n_target, config.lambda_atp, config.lambda_target, config.temperature) == (130, 0.1, 0.2, 1e6)
+
+
+def test_overhead_clock_sums_its_regions_on_cpu():
+    import time
+
+    from atp_repro.atp.clock import OverheadClock
+
+    clock = OverheadClock("cpu")
+    assert clock.seconds() == 0.0
+    for _ in range(2):
+        with clock.region():
+            time.sleep(0.01)
+    time.sleep(0.05)  # outside any region: not counted
+    assert 0.02 <= clock.seconds() < 0.05

@@ -17,7 +17,6 @@ The language model's forward switches a pruning layer to ``atp_scoring`` for exa
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .clock import OverheadClock
 from .scores import weighted_column_sums, weighted_column_sums_from_qk
 
 SCORING_IMPLEMENTATION = "atp_scoring"
@@ -62,15 +62,19 @@ class ScoreRequest:
         key_columns: slice of key positions holding (all samples') vision tokens.
         use_eager: run the layer with eager attention and reduce its probability map.
         column_sums: filled by the call: (B, L, 2).
-        seconds: time spent on the extra score computation (excluding the layer's own attention).
+        clock: if given, times the extra score computation (not the layer's own attention kernel,
+            nor, with ``use_eager``, its conversion of the mask to the additive form eager needs).
     """
 
     query_weight: torch.Tensor
     key_columns: slice
     use_eager: bool
     column_sums: torch.Tensor | None = None
-    seconds: float = 0.0
+    clock: OverheadClock | None = field(default=None, repr=False)
     base_name: str = field(default="", repr=False)
+
+    def timed(self) -> contextlib.AbstractContextManager:
+        return self.clock.region() if self.clock is not None else contextlib.nullcontext()
 
 
 def atp_scoring_attention(
@@ -92,9 +96,8 @@ def atp_scoring_attention(
         additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
         kwargs.pop("is_causal", None)
         output, probs = eager_attention_forward(module, query, key, value, additive, **kwargs)
-        start = time.perf_counter()
-        request.column_sums = weighted_column_sums(probs, request.query_weight)
-        request.seconds += time.perf_counter() - start
+        with request.timed():
+            request.column_sums = weighted_column_sums(probs, request.query_weight)
         return output, probs
 
     # The fast kernel computes the layer's output; on CPU SDPA we also keep its per-row
@@ -106,14 +109,13 @@ def atp_scoring_attention(
     else:
         base: Callable = ALL_ATTENTION_FUNCTIONS[request.base_name]
         (output, probs), lse = base(module, query, key, value, attention_mask, **kwargs), None
-    start = time.perf_counter()
-    additive = None
-    if attention_mask is not None:
-        additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
-    request.column_sums = weighted_column_sums_from_qk(
-        query, key, additive, module.scaling, request.query_weight, request.key_columns, logsumexp=lse
-    )
-    request.seconds += time.perf_counter() - start
+    with request.timed():
+        additive = None
+        if attention_mask is not None:
+            additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
+        request.column_sums = weighted_column_sums_from_qk(
+            query, key, additive, module.scaling, request.query_weight, request.key_columns, logsumexp=lse
+        )
     return output, probs
 
 

