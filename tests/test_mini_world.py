@@ -179,3 +179,28 @@ def test_label_maps_and_pretraining_targets():
     for name, n in HEADS.items():
         assert t[name].shape == (144,) and int(t[name].max()) < n
     assert int(t["centre"].sum()) >= 1
+
+
+def test_glyph_slots_follow_the_reading_order():
+    from atp_repro.mini.scenes import glyph_slot_map, label_maps
+
+    s = generate_scene(np.random.default_rng(1), require_text=True)
+    _, glyphs = label_maps(s)
+    slots = glyph_slot_map(s)
+    assert ((slots > 0) == (glyphs > 0)).all()  # the same pixels carry a glyph and a slot
+    columns = [np.nonzero((slots == k + 1).any(0))[0] for k in range(len(s.text.text))]
+    assert all(a.max() < b.min() for a, b in zip(columns, columns[1:]))  # slot k + 1 lies right of slot k
+
+
+def test_conversations_ask_distinct_questions_and_mix_simple_scenes():
+    from atp_repro.mini.data import SIMPLE_SCENE_MAX_OBJECTS, make_conversation
+
+    for index in range(20):
+        scene, qs = make_conversation(0, "train", index, 12)
+        assert len({q.question for q in qs}) == len(qs) >= len({q.family for q in qs})
+        assert make_conversation(0, "train", index, 12)[1] == qs  # deterministic
+    plain = [len(make_conversation(0, "train", i, 6)[0].objects) for i in range(200)]
+    simple = [len(make_conversation(0, "train", i, 6, simple_fraction=1.0)[0].objects) for i in range(200)]
+    assert max(simple) <= SIMPLE_SCENE_MAX_OBJECTS < max(plain)
+    with pytest.raises(ValueError, match="simple_fraction"):
+        make_conversation(0, "train", 0, 6, simple_fraction=1.5)

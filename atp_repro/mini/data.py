@@ -22,6 +22,7 @@ always single-turn, like the benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,21 +72,43 @@ def make_sample(world_seed: int, split: str, index: int, scene_cfg: SceneConfig 
     raise RuntimeError(f"could not draw an answerable {family!r} sample for index {index}")  # pragma: no cover
 
 
+SIMPLE_SCENE_MAX_OBJECTS = 3
+
+
 def make_conversation(world_seed: int, split: str, index: int, turns: int,
-                      scene_cfg: SceneConfig = SceneConfig()) -> tuple[Scene, list[Question]]:
-    """A scene and up to ``turns`` questions about it, one per answerable family, shuffled."""
+                      scene_cfg: SceneConfig = SceneConfig(),
+                      simple_fraction: float = 0.0) -> tuple[Scene, list[Question]]:
+    """A scene and up to ``turns`` distinct questions about it.
+
+    Questions come in rounds of one per answerable family (shuffled within each round), so that
+    ``turns <= 6`` asks each family at most once and larger values ask several questions per family.
+    With probability ``simple_fraction`` the scene has at most ``SIMPLE_SCENE_MAX_OBJECTS`` objects:
+    finding the one object a question names among few is how a decoder trained from scratch first
+    learns where to look, which it then needs in cluttered scenes.
+    """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
+    if not 0.0 <= simple_fraction <= 1.0:
+        raise ValueError(f"simple_fraction must be in [0, 1], got {simple_fraction}")
     rng = np.random.default_rng([world_seed, SPLIT_SEEDS[split], index, turns])
+    if simple_fraction > 0 and rng.random() < simple_fraction:
+        scene_cfg = dataclasses.replace(scene_cfg, max_objects=min(scene_cfg.max_objects, SIMPLE_SCENE_MAX_OBJECTS),
+                                        min_objects=min(scene_cfg.min_objects, SIMPLE_SCENE_MAX_OBJECTS))
     scene = generate_scene(rng, scene_cfg)
-    questions = []
-    for family in rng.permutation(len(FAMILIES)):
-        try:
-            questions.append(make_question(FAMILIES[int(family)], scene, rng))
-        except Unanswerable:
-            continue
-        if len(questions) == turns:
-            break
+    questions: list[Question] = []
+    asked: set[str] = set()
+    for _ in range(-(-turns // len(FAMILIES)) + 2):  # a few spare rounds for repeats and unanswerables
+        for family in rng.permutation(len(FAMILIES)):
+            try:
+                q = make_question(FAMILIES[int(family)], scene, rng)
+            except Unanswerable:
+                continue
+            if q.question in asked:
+                continue
+            asked.add(q.question)
+            questions.append(q)
+            if len(questions) == turns:
+                return scene, questions
     return scene, questions
 
 
@@ -111,6 +134,7 @@ class MiniVQA(torch.utils.data.Dataset):
         offset: int = 0,
         turns: int = 1,
         question_first: bool = False,
+        simple_fraction: float = 0.0,
     ) -> None:
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
@@ -120,6 +144,7 @@ class MiniVQA(torch.utils.data.Dataset):
             raise ValueError(f"turns must be >= 1, got {turns}")
         self.split, self.n, self.offset, self.turns = split, n, offset, turns
         self.question_first = question_first
+        self.simple_fraction = simple_fraction  # multi-turn (training) conversations only
         self.tokenizer, self.n_image_tokens = tokenizer, n_image_tokens
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
@@ -180,7 +205,8 @@ class MiniVQA(torch.utils.data.Dataset):
         if self.turns > 1:
             if not 0 <= i < self.n:
                 raise IndexError(f"index {i} out of range for {self.n} samples")
-            scene, qs = make_conversation(self.world_seed, self.split, self.offset + i, self.turns, self.scene_cfg)
+            scene, qs = make_conversation(self.world_seed, self.split, self.offset + i, self.turns, self.scene_cfg,
+                                          self.simple_fraction)
             return self.encode_conversation(scene, qs, self.offset + i)
         return self.encode(self.sample(i))
 

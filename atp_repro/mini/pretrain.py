@@ -6,7 +6,9 @@ vision tower on a dense perception task over the same procedural scenes (a diffe
 from every VQA split):
 
 * per patch: the colour, shape and size of the object covering most of it (or none), whether the
-  object's centre lies in it, and the text glyph covering it (or none);
+  object's centre lies in it, the text glyph covering it (or none) and that glyph's place in the
+  label (first, second, ...), and the patch's own row and column (CLIP features keep where a patch
+  is; without these targets the small tower loses it and spatial questions become unlearnable);
 * per image (mean-pooled patches): the background texture and tone.
 
 The heads read the hidden state LLaVA feeds to its projector (``vision_feature_layer``), and are
@@ -26,9 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import image_to_tensor
-from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXT_ALPHABET, SceneConfig, generate_scene, label_maps, patch_labels
+from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXT_ALPHABET, SceneConfig, generate_scene, glyph_slot_map, label_maps, patch_labels
 from .train import cosine_with_warmup
 
+MAX_TEXT_LENGTH = 4  # SceneConfig.text_length is at most 4
+MAX_GRID = 48  # finest grid of the 96 px canvas (patch 2); row/col heads have this many classes
 PRETRAIN_SEED = 44  # scene stream of the pretraining images (the VQA splits use 11, 22, 33)
 HEADS: dict[str, int] = {  # per-patch classification heads: classes including "none" (0)
     "colour": len(COLOURS) + 1,
@@ -36,6 +40,9 @@ HEADS: dict[str, int] = {  # per-patch classification heads: classes including "
     "size": len(SIZES) + 1,
     "centre": 2,
     "glyph": len(TEXT_ALPHABET) + 1,
+    "glyph_slot": MAX_TEXT_LENGTH + 1,
+    "row": MAX_GRID,
+    "col": MAX_GRID,
 }
 GLOBAL_HEADS: dict[str, int] = {"background": len(BACKGROUNDS), "tone": 2}
 
@@ -81,6 +88,9 @@ def scene_targets(index: int, grid: int, scene_cfg: SceneConfig, world_seed: int
     targets = {k: torch.from_numpy(lut[k][obj]) for k in lut}
     targets["centre"] = torch.from_numpy(centre)
     targets["glyph"] = torch.from_numpy(patch_labels(glyphs, grid).reshape(-1))
+    targets["glyph_slot"] = torch.from_numpy(patch_labels(glyph_slot_map(scene), grid).reshape(-1))
+    rows, cols = np.divmod(np.arange(grid * grid), grid)  # raster order, as the LM sees the patches
+    targets["row"], targets["col"] = torch.from_numpy(rows), torch.from_numpy(cols)
     targets["background"] = torch.tensor(BACKGROUNDS.index(scene.background))
     targets["tone"] = torch.tensor(0 if scene.tone == "dark" else 1)
     return image_to_tensor(scene.image), targets

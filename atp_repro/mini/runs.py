@@ -18,7 +18,7 @@ import torch
 from .cache import load_or_build, spec_hash
 from .data import MiniVQA
 from .model import MiniModelConfig, build_model, count_parameters
-from .pretrain import PretrainConfig, pretrain_vision_tower
+from .pretrain import GLOBAL_HEADS, HEADS, PretrainConfig, pretrain_vision_tower
 from .scenes import SceneConfig
 from .tokenizer import build_tokenizer
 from .train import TrainConfig, train
@@ -36,6 +36,7 @@ class MiniWorldConfig:
     n_test: int = 600
     world_seed: int = 0
     ub_turns: int = 6  # question rounds per training image of the upper bound (LLaVA-665k style)
+    ub_simple_fraction: float = 0.0  # share of upper-bound training images with at most 3 objects
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test"):
@@ -54,10 +55,12 @@ class MiniWorldConfig:
     def grid(self) -> int:
         return self.model.grid
 
-    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
+    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1,
+                simple_fraction: float = 0.0) -> MiniVQA:
         n = n or {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
         return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
-                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns)
+                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns,
+                       simple_fraction=simple_fraction)
 
 
 @dataclass
@@ -83,8 +86,10 @@ def _asdict(obj: Any) -> dict:
 
 
 def vision_spec(world: MiniWorldConfig) -> dict:
+    # The pretraining targets define the tower: new targets give a new artifact.
     return {"kind": "vision_pretrain", "model": _asdict(world.model), "scene": _asdict(world.scene),
-            "pretrain": _asdict(world.pretrain), "world_seed": world.world_seed}
+            "pretrain": _asdict(world.pretrain), "heads": HEADS, "global_heads": GLOBAL_HEADS,
+            "world_seed": world.world_seed}
 
 
 def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple[dict, RunInfo]:
@@ -112,6 +117,7 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "train": _asdict(world.train),
         "world_seed": world.world_seed,
         "ub_turns": world.ub_turns,
+        "ub_simple_fraction": world.ub_simple_fraction,
         "vocab": build_tokenizer().get_vocab(),
     }
 
@@ -143,7 +149,8 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
         model = build_model(world.model, tok)
         vision, vinfo = pretrained_vision(world, progress=progress)
         model.model.vision_tower.load_state_dict(vision)
-        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
+        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns,
+                           simple_fraction=world.ub_simple_fraction)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
                     run_spec=spec, progress=progress)
         return _finish(folder, model, tok, res, {"vision_pretrain_wall_time_s": vinfo.wall_time_s,

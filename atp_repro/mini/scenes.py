@@ -271,14 +271,34 @@ def label_maps(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
             draw.polygon(_shape_polygon(obj), fill=i + 1)
     objects = np.asarray(pil, dtype=np.int64).copy()
     glyphs = np.zeros((size, size), dtype=np.int64)
+    for _, ch, rows, cols in _glyph_cells(scene.text):
+        glyphs[rows, cols] = TEXT_ALPHABET.index(ch) + 1
     if scene.text is not None:
         x0, y0, x1, y1 = scene.text.box
-        scale = (y1 - y0) // 9
-        for i, ch in enumerate(scene.text.text):
-            gx = x0 + scale + i * 6 * scale
-            glyphs[y0 + scale : y0 + 8 * scale, gx : gx + 5 * scale] = TEXT_ALPHABET.index(ch) + 1
         objects[y0:y1, x0:x1] = 0
     return objects, glyphs
+
+
+def glyph_slot_map(scene: Scene) -> np.ndarray:
+    """Per-pixel place of the glyph in the text label (0 = none, i + 1 = the label's i-th character)."""
+    size = scene.image.shape[0]
+    slots = np.zeros((size, size), dtype=np.int64)
+    for i, _, rows, cols in _glyph_cells(scene.text):
+        slots[rows, cols] = i + 1
+    return slots
+
+
+def _glyph_cells(text: TextLabel | None) -> list[tuple[int, str, slice, slice]]:
+    """(index, character, pixel rows, pixel columns) of each glyph of a text label, as drawn."""
+    if text is None:
+        return []
+    x0, y0, _, y1 = text.box
+    scale = (y1 - y0) // 9
+    cells = []
+    for i, ch in enumerate(text.text):
+        gx = x0 + scale + i * 6 * scale
+        cells.append((i, ch, slice(y0 + scale, y0 + 8 * scale), slice(gx, gx + 5 * scale)))
+    return cells
 
 
 def patch_labels(labels: np.ndarray, grid: int, min_pixels: int = 1) -> np.ndarray:
