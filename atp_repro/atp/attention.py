@@ -74,7 +74,7 @@ class ScoreRequest:
     base_name: str = field(default="", repr=False)
 
     def timed(self) -> contextlib.AbstractContextManager:
-        return self.clock.region() if self.clock is not None else contextlib.nullcontext()
+        return self.clock.region("scores") if self.clock is not None else contextlib.nullcontext()
 
 
 def atp_scoring_attention(

@@ -4,6 +4,9 @@ On CPU a region's time is wall-clock (``perf_counter``). On CUDA the host return
 launches long before they finish, and a host clock would record launch costs (or, across a sync,
 the preceding layer's work), so each region is bracketed by CUDA events and their GPU-side
 elapsed times are summed once, at :meth:`OverheadClock.seconds`.
+
+Every region is also a ``torch.profiler.record_function`` range, so that a profile of a prefill
+shows ATP's own ops under ``atp::<name>``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ class OverheadClock:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextlib.contextmanager
-    def region(self) -> Iterator[None]:
+    def region(self, name: str = "overhead") -> Iterator[None]:
+        with torch.profiler.record_function(f"atp::{name}"), self._timed():
+            yield
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

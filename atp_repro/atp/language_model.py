@@ -182,7 +182,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             continue
 
         module = model.atp_modules[module_index]
-        with clock.region():  # what the scores need
+        with clock.region("score_inputs"):  # what the scores need
             is_vision = seq.is_vision & seq.valid
             if soft:
                 alive = is_vision & (keep_value > 0.5)
@@ -195,7 +195,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
                                    use_eager, clock=clock)
         with scoring_attention(model.config, layer, request):  # the scores themselves are timed inside
             seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
-        with clock.region():  # decision, record, compaction
+        with clock.region("decide_and_compact"):
             spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
             decision = module.decide(request.column_sums, vision_weight, prompt_weight, spatial, is_vision, alive,
                                      num_vision, keep_value)

@@ -15,7 +15,7 @@ from torch import nn
 from .config import ATPConfig
 from .masks import combine_keep, hard_keep, soft_keep, top_k_keep
 from .positions import LearnedGridEmbedding
-from .scores import cross_modality_importance, normalise_scores, redundancy_score, self_modality_importance
+from .scores import modality_importances, normalise_scores, redundancy_score
 from .thresholds import ThresholdNetwork, num_threshold_features, threshold_features
 
 
@@ -76,14 +76,13 @@ class ATPModule(nn.Module):
             initial_count: vision tokens per sample before any module (N_0).
             keep_value: (B, L) soft keep values D_prev (soft path) or None (hard path).
         """
-        s_self = self_modality_importance(column_sums[..., 0], vision_weight)
-        s_cross = cross_modality_importance(column_sums[..., 1], prompt_weight)
-        n_self = normalise_scores(s_self, alive, self.normalisation)
-        n_cross = normalise_scores(s_cross, alive, self.normalisation)
-        redundancy = redundancy_score(n_self, n_cross)
+        # Self- and cross-modality scores travel stacked, (B, 2, L): one op serves both.
+        importance = modality_importances(column_sums, vision_weight, prompt_weight)
+        normalised = normalise_scores(importance, alive[:, None], self.normalisation)
+        redundancy = redundancy_score(normalised[:, 0], normalised[:, 1])
         kept_fraction = alive.sum(-1).float() / initial_count
         # The threshold network reads the score distribution, not the scores' gradient path.
-        features = threshold_features(n_self.detach(), n_cross.detach(), alive, kept_fraction, self.quantiles)
+        features = threshold_features(normalised.detach(), alive, kept_fraction, self.quantiles)
         theta_r, theta_s = self.threshold_net(features)
 
         if self.fixed_keep is not None:
@@ -102,4 +101,5 @@ class ATPModule(nn.Module):
             # D = D_prev * M accumulates on vision positions; text keeps D = 1.
             new_keep_value = torch.where(is_vision, keep_value * mask, keep_value)
             keep = is_vision & (new_keep_value > 0.5)
-        return ModuleDecision(s_self, s_cross, redundancy, spatial, theta_r, theta_s, keep, new_keep_value)
+        return ModuleDecision(importance[:, 0], importance[:, 1], redundancy, spatial, theta_r, theta_s, keep,
+                              new_keep_value)

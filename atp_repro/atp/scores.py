@@ -38,7 +38,7 @@ def weighted_column_sums_from_qk(
     key_columns: slice,
     logsumexp: torch.Tensor | None = None,
     head_chunk: int = 8,
-    row_chunk: int = 256,
+    row_chunk: int = 128,
 ) -> torch.Tensor:
     """Same as :func:`weighted_column_sums`, computed from a layer's queries and keys.
 
@@ -55,8 +55,8 @@ def weighted_column_sums_from_qk(
       after ``exp`` (``tril``), without it future keys are filled with -inf before the normaliser.
 
     Each block costs one (h*R, hd) x (hd, K) matmul, two or three elementwise passes (in place
-    unless autograd records them) and one (W, h*R) x (h*R, K) matmul that applies the query
-    weights and sums over heads at once.
+    unless autograd records them), a sum over heads and one (W, R) x (R, K) matmul with the query
+    weights (the FLOPs :func:`atp_repro.efficiency.flops.atp_scoring_flops` counts).
 
     Args:
         query: (B, H, Q, hd) queries with RoPE applied.
@@ -119,9 +119,8 @@ def weighted_column_sums_from_qk(
             if additive_mask is None and logsumexp is not None:  # zero the keys after each query
                 probs = probs.tril_(diagonal) if in_place else probs.tril(diagonal)
             block = probs[..., col_start - first_key : stop - first_key]  # (B, h, R, Kv)
-            # Every head shares the query weights: (B, W, h*R) @ (B, h*R, Kv) sums over heads and rows.
-            weights = weights_t[:, :, r0:r1].repeat(1, 1, h1 - h0)
-            acc[:, :, col_start:stop] += torch.bmm(weights, block.reshape(batch, (h1 - h0) * (r1 - r0), -1))
+            # Every head shares the query weights: sum the heads, then (B, W, R) @ (B, R, Kv).
+            acc[:, :, col_start:stop] += torch.bmm(weights_t[:, :, r0:r1], block.sum(1))
     return (acc / heads).transpose(1, 2).contiguous()
 
 
@@ -152,9 +151,30 @@ def cross_modality_importance(column_sums: torch.Tensor, prompt_weight: torch.Te
     return torch.where(count > 0, column_sums / count.clamp_min(1e-12), 0.0)
 
 
-def normalise_scores(scores: torch.Tensor, valid: torch.Tensor, method: str = "minmax") -> torch.Tensor:
-    """Per-instance normalisation to [0, 1] over the valid (live vision) positions.
+def modality_importances(
+    column_sums: torch.Tensor, vision_weight: torch.Tensor, prompt_weight: torch.Tensor
+) -> torch.Tensor:
+    """Self- and cross-modality importance in one pass, stacked.
 
+    Equal to ``stack([self_modality_importance(column_sums[..., 0], vision_weight),
+    cross_modality_importance(column_sums[..., 1], prompt_weight)], 1)`` with half the ops.
+
+    Args:
+        column_sums: (B, L, 2) weighted column sums (vision queries, prompt queries).
+        vision_weight, prompt_weight: (B, L) query weights used for them.
+    Returns:
+        (B, 2, L): [:, 0] self-modality, [:, 1] cross-modality importance.
+    """
+    visible_queries = torch.flip(torch.cumsum(torch.flip(vision_weight.float(), [1]), 1), [1])  # (B, L)
+    prompt_count = prompt_weight.float().sum(-1, keepdim=True).expand_as(visible_queries)  # (B, L)
+    divisor = torch.stack([visible_queries, prompt_count], 1)  # (B, 2, L)
+    return torch.where(divisor > 0, column_sums.transpose(1, 2) / divisor.clamp_min(1e-12), 0.0)
+
+
+def normalise_scores(scores: torch.Tensor, valid: torch.Tensor, method: str = "minmax") -> torch.Tensor:
+    """Per-instance normalisation to [0, 1] over the valid (live vision) positions of the last axis.
+
+    ``scores`` is (..., L) and ``valid`` broadcasts to it (e.g. (B, S, L) scores, (B, 1, L) valid).
     ``minmax``: (s - min) / (max - min); ``max``: s / max. Invalid positions are set to 0; a
     constant score vector maps to 1 (nothing distinguishes the tokens, so nothing looks redundant).
     """
@@ -181,14 +201,14 @@ def masked_quantiles(values: torch.Tensor, valid: torch.Tensor, quantiles: tuple
     """Nearest-rank quantiles of each row over its valid entries.
 
     Args:
-        values: (B, L); valid: (B, L) bool.
+        values: (..., L); valid: bool, broadcastable to ``values`` (e.g. (B, 1, L) for (B, S, L)).
     Returns:
-        (B, len(quantiles)); rows without valid entries give zeros.
+        (..., len(quantiles)); rows without valid entries give zeros.
     """
     big = torch.finfo(values.dtype).max
     sorted_vals, _ = torch.sort(torch.where(valid, values, big), dim=-1)
-    count = valid.sum(-1, keepdim=True)  # (B, 1)
-    q = torch.tensor(quantiles, device=values.device, dtype=torch.float32)[None]  # (1, Q)
-    idx = torch.round((count.clamp_min(1) - 1).float() * q).long()
-    out = torch.gather(sorted_vals, -1, idx)
+    count = valid.sum(-1, keepdim=True)  # (..., 1) over valid's leading shape
+    q = torch.tensor(quantiles, device=values.device, dtype=torch.float32)
+    idx = torch.round((count.clamp_min(1) - 1).float() * q).long()  # (..., Q)
+    out = torch.gather(sorted_vals, -1, idx.expand(*sorted_vals.shape[:-1], len(quantiles)))
     return torch.where(count > 0, out, torch.zeros_like(out))

@@ -17,8 +17,7 @@ from .scores import masked_quantiles
 
 
 def threshold_features(
-    self_norm: torch.Tensor,
-    cross_norm: torch.Tensor,
+    scores: torch.Tensor,
     alive: torch.Tensor,
     kept_fraction: torch.Tensor,
     quantiles: tuple[float, ...],
@@ -26,19 +25,19 @@ def threshold_features(
     """Count-independent description of one module's score distribution.
 
     Args:
-        self_norm, cross_norm: (B, L) normalised importances (sequence layout).
+        scores: (B, S, L) normalised importances stacked (S = 2: self, cross; sequence layout).
         alive: (B, L) bool, live vision tokens.
         kept_fraction: (B,) live vision tokens / original vision tokens.
     Returns:
-        (B, 2 * (len(quantiles) + 1) + 1) features: quantiles and mean of each score, kept fraction.
+        (B, S * (len(quantiles) + 1) + 1) features: for each score its quantiles and mean, then
+        the kept fraction.
     """
-    count = alive.sum(-1).clamp_min(1).float()
-    parts = []
-    for score in (self_norm, cross_norm):
-        parts.append(masked_quantiles(score.float(), alive, quantiles))
-        parts.append((torch.where(alive, score.float(), 0.0).sum(-1) / count)[:, None])
-    parts.append(kept_fraction.float()[:, None])
-    return torch.cat(parts, dim=-1)
+    alive = alive[:, None]  # (B, 1, L)
+    scores = scores.float()
+    count = alive.sum(-1).clamp_min(1).float()  # (B, 1)
+    mean = torch.where(alive, scores, 0.0).sum(-1) / count  # (B, S)
+    per_score = torch.cat([masked_quantiles(scores, alive, quantiles), mean[..., None]], -1)  # (B, S, Q + 1)
+    return torch.cat([per_score.flatten(1), kept_fraction.float()[:, None]], dim=-1)
 
 
 def num_threshold_features(quantiles: tuple[float, ...]) -> int:
