@@ -14,6 +14,7 @@ from atp_repro.atp.masks import (
     attention_log_bias,
     causal_mask_corner,
     compaction_index,
+    flat_positions,
     gather_positions,
     hard_keep,
     soft_keep,
@@ -203,10 +204,13 @@ def test_gather_positions_matches_torch_gather_on_expanded_batches():
     hidden = torch.randn(3, 7, 5)
     cos = torch.randn(1, 7, 4).expand(3, -1, -1)  # batch-expanded, as the rotary tables are
     index = torch.tensor([[0, 2, 6], [1, 1, 3], [4, 5, 6]])
+    flat = flat_positions(index, 7)
+    assert flat.tolist() == [0, 2, 6, 8, 8, 10, 18, 19, 20]
     for tensor in (hidden, cos, torch.arange(7).expand(3, -1)):
         expected = torch.gather(tensor, 1, index.reshape(3, 3, *[1] * (tensor.dim() - 2)).expand(
             3, 3, *tensor.shape[2:]))
         assert torch.equal(gather_positions(tensor, index), expected)
+        assert torch.equal(gather_positions(tensor, index, flat), expected)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

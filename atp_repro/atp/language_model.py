@@ -31,7 +31,14 @@ from .attention import ScoreRequest, resolve_scoring_backend, scoring_attention
 from .clock import OverheadClock
 from .config import ATPConfig
 from .loss import per_layer_counts
-from .masks import attention_log_bias, causal_mask_corner, causal_padding_mask, compaction_index, gather_positions
+from .masks import (
+    attention_log_bias,
+    causal_mask_corner,
+    causal_padding_mask,
+    compaction_index,
+    flat_positions,
+    gather_positions,
+)
 from .positions import rope2d_cos_sin
 from .spatial import grid_size_for, spatial_scores
 
@@ -94,8 +101,9 @@ class _Sequence:
 
     def compact(self, keep: torch.Tensor) -> None:
         index, valid = compaction_index(keep)
+        flat = flat_positions(index, keep.shape[1])
         for name in ("hidden", "position_ids", "cos", "sin", "grid_index", "is_prompt", "original_index"):
-            setattr(self, name, gather_positions(getattr(self, name), index))
+            setattr(self, name, gather_positions(getattr(self, name), index, flat))
         self.valid = valid
         self.grid_index = torch.where(valid, self.grid_index, -1)
         self.is_prompt = self.is_prompt & valid

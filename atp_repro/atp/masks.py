@@ -113,18 +113,25 @@ def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered.clamp_min(0), valid
 
 
-def gather_positions(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def flat_positions(index: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L') positions into rows of length L -> (B * L',) positions into the flattened (B * L) axis."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * length).reshape(-1)
+
+
+def gather_positions(tensor: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
     """Row b of the result takes positions ``index[b]`` of row b of ``tensor``.
 
     Args:
         tensor: (B, L, ...) any per-position tensor (hidden states, cos/sin, masks, ids).
         index: (B, L') positions into L.
+        flat: ``flat_positions(index, L)``, to share between several tensors of one sequence.
     Returns:
         (B, L', ...). One ``index_select`` of whole position slices over the flattened (B * L)
         axis: about 10x faster on CPU than ``torch.gather`` with an index expanded to every element.
     """
     batch, length = tensor.shape[:2]
-    flat = (index + torch.arange(batch, device=index.device)[:, None] * length).reshape(-1)  # (B * L',)
+    if flat is None:
+        flat = flat_positions(index, length)
     return tensor.reshape(batch * length, *tensor.shape[2:]).index_select(0, flat).view(
         batch, index.shape[1], *tensor.shape[2:])
 
