@@ -53,7 +53,8 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
         try:
             config = BenchConfig(model=model, average_tokens=args.average_tokens,
                                  fixed_keep=tuple(args.fixed_keep) if args.fixed_keep else None,
-                                 strategies=tuple(args.strategies or STRATEGIES), fast_backend=args.fast_backend, dtype=args.dtype,
+                                 strategies=tuple(args.strategies or STRATEGIES), fast_backend=args.fast_backend,
+                                 dtype=args.dtype,
                                  device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
         except BenchConfigError as err:
             raise ValueError(f"argument {FLAGS.get(err.field, err.field)}: {err}") from None

@@ -60,7 +60,8 @@ def efficiency_metrics(summary: pd.DataFrame, runs: pd.DataFrame | None = None) 
         predicted = 1 - a.flops / ub.flops
         ratio = measured / predicted if predicted else None
         add(f"measured / FLOPs-predicted reduction, {atp} vs {ub.strategy}", ratio,
-            f">= {TARGET_MEASURED_OVER_PREDICTED:.0%}", None if ratio is None else ratio >= TARGET_MEASURED_OVER_PREDICTED,
+            f">= {TARGET_MEASURED_OVER_PREDICTED:.0%}",
+            None if ratio is None else ratio >= TARGET_MEASURED_OVER_PREDICTED,
             f"measured {measured:.1%}, FLOPs predict {predicted:.1%}")
     for atp in ("atp_fast", "atp_paper", "atp_eager"):
         a = _row(summary, atp)

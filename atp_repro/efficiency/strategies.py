@@ -309,8 +309,9 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
                 print(f"round {r} {s.name}: {t.seconds * 1e3:.1f} ms", flush=True)
     runs = pd.DataFrame(rows)
     summary = _summarize(runs, plans, checks, shapes, cfg, dtype)
-    facts = {**facts, "fast_backend": fast_impl, "fast_bf16": fast_bf16_available(device), "fixed_keep": keep, "module_layers": cfg.module_layers,
-             "model_config": cfg.to_dict(), "rounds": config.repeats, "warmup": config.warmup}
+    facts = {**facts, "fast_backend": fast_impl, "fast_bf16": fast_bf16_available(device), "fixed_keep": keep,
+             "module_layers": cfg.module_layers, "model_config": cfg.to_dict(), "rounds": config.repeats,
+             "warmup": config.warmup}
     return BenchResult(config, runs, summary, facts)
 
 
@@ -328,7 +329,7 @@ def _summarize(runs: pd.DataFrame, plans: list[dict], checks: dict, shapes: Mode
             overhead_fraction = statistics.median((mine.overhead_seconds / mine.seconds).tolist())
         records.append({
             "strategy": s.name, "label": s.label, "in_paper": s.in_paper,
-            "avg_tokens": average_vision_tokens(tuple(plan["counts"][l + 1] for l in cfg.module_layers) if s.atp
+            "avg_tokens": average_vision_tokens(tuple(plan["counts"][layer + 1] for layer in cfg.module_layers) if s.atp
                                                 else None, cfg.module_layers, cfg.num_layers, cfg.num_vision),
             "measured_avg_tokens": checks[s.name]["measured_avg_tokens"],
             "median_s": stats["median"], "min_s": stats["min"], "max_s": stats["max"], "iqr_s": stats["iqr"],
