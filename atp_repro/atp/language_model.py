@@ -57,9 +57,15 @@ class ATPRecord:
     vision_positions: list[torch.Tensor]  # [module] -> (B, L_stage) original grid index per position, -1 for text
     grid_size: int
     soft: bool
-    # ATP's own time: score inputs and scores, decisions (thresholds, keep), record, compaction and the
-    # compacted mask, positional updates. Not the layers, nor the pruning layers' attention kernel.
-    overhead_seconds: float
+    clock: OverheadClock = field(repr=False)
+
+    @property
+    def overhead_seconds(self) -> float:
+        """ATP's own time in this prefill: score inputs and scores, decisions (thresholds, keep),
+        record, compaction and the compacted mask, positional updates. Not the decoder layers, nor
+        the pruning layers' own attention kernel. Read on demand: on CUDA this waits for the
+        prefill's ATP regions to finish, so the forward itself never synchronises for it."""
+        return self.clock.seconds()
 
 
 @dataclass
@@ -248,7 +254,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
                                       model.config.num_hidden_layers).round().long(),
         kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, self_importance=self_scores,
         cross_importance=cross_scores, vision_positions=layouts, grid_size=grid, soft=soft,
-        overhead_seconds=clock.seconds(),
+        clock=clock,
     )
     if cache is not None:
         runtime.cache_states[cache] = _PrunedCacheState(length, stages, soft)
