@@ -103,7 +103,8 @@ def test_mini_world_keeps_the_paper_budget_fraction(
     frac_real = real.atp.n_target / real.model.num_vision_tokens
     frac_mini = mini.atp.n_target / mini.model.num_vision_tokens
     assert frac_mini == pytest.approx(frac_real)
-    assert mini.training.lr_atp / mini.training.lr_llm == pytest.approx(5.0)
+    # The ATP modules learn at least 5x faster than the LM (the paper: 5x; the mini world: 20x, see its reason).
+    assert mini.training.lr_atp / mini.training.lr_llm >= 5.0
 
 
 def test_atp_section_builds_the_method_config(real: TrainingConfig, mini: TrainingConfig) -> None:

@@ -196,3 +196,20 @@ def adaptivity(res: EvalResult) -> dict[str, float]:
     return {"per_sample_tokens_std": float(per_sample.std()), "per_sample_tokens_min": float(per_sample.min()),
             "per_sample_tokens_max": float(per_sample.max()), "distinct_counts": int(len(np.unique(per_sample))),
             **{f"spearman_{k}": v for k, v in corr.items()}}
+
+
+def table3_accuracy(setup: Setup, variant: str = "trainable_144", progress: bool = False) -> dict[str, float]:
+    """Supplementary Table 3's accuracy column from the mini world, keyed by the Table 3 row labels.
+
+    The column is the Avg. Rate (percent of the upper bound): 100 for the upper-bound rows and the
+    measured rate of ``variant`` for the ATP rows. It is measured once, with the mini model's own
+    kernels; the attention kernel changes the logits only by rounding (equivalence tests), not
+    which tokens are kept, so every ATP row of the table carries the same measured rate.
+    """
+    from atp_repro.efficiency.strategies import STRATEGIES
+
+    ub_model, tok, ub_info = setup.upper_bound(progress=progress)
+    ub = setup.evaluate(ub_model, ub_info, tok)
+    model, tok, info = setup.finetune(variant, progress=progress)
+    rate = summary_row(variant, setup.evaluate(model, info, tok), ub)["avg_rate"]
+    return {s.label: (100.0 * rate if s.atp else 100.0) for s in STRATEGIES.values()}

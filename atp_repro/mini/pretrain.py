@@ -55,7 +55,7 @@ class PretrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     seed: int = 0
-    num_threads: int = 1
+    num_threads: int = 2  # torch threads; fixed (not the core count) so a run is the same on every machine
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_threads"):

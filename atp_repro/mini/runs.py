@@ -31,12 +31,16 @@ class MiniWorldConfig:
     model: MiniModelConfig = MiniModelConfig()
     scene: SceneConfig = SceneConfig()
     pretrain: PretrainConfig = PretrainConfig()  # the vision tower (stand-in for pretrained CLIP)
-    train: TrainConfig = TrainConfig(trainable="lm")  # projector + LM on VQA, vision tower frozen (LLaVA)
+    # The upper bound trains projector + LM on VQA with the vision tower frozen (LLaVA stage 2).
+    train: TrainConfig = TrainConfig(trainable="lm", steps=1200, n_train=19200)
     n_val: int = 300
     n_test: int = 600
     world_seed: int = 0
-    ub_turns: int = 6  # question rounds per training image of the upper bound (LLaVA-665k style)
-    ub_simple_fraction: float = 0.0  # share of upper-bound training images with at most 3 objects
+    # Question rounds per training image of the upper bound (LLaVA-665k style multi-turn): 12 asks
+    # each family about twice per image, more supervision for the same image encoding.
+    ub_turns: int = 12
+    # Share of upper-bound training images with at most 3 objects (few distractors to learn lookups).
+    ub_simple_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test"):

@@ -49,7 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     world_seed: int = 0
-    num_threads: int = 1
+    num_threads: int = 2  # torch threads; fixed (not the core count) so a run is the same on every machine
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "n_train", "checkpoint_every", "num_threads"):
