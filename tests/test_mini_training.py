@@ -204,6 +204,19 @@ def test_metrics():
     _ = accuracy_by_family
 
 
+def test_above_chance_needs_every_family_clear_of_its_prior():
+    from atp_repro.mini.evaluate import EvalResult
+    from atp_repro.mini.experiments import above_chance
+
+    # family counting: chance 0.5 (answers 2, 3 equally common); family scene: chance 1.0 (one answer)
+    rec = pd.DataFrame({"family": ["counting"] * 4 + ["scene"] * 2, "question": ["q"] * 4 + ["s"] * 2,
+                        "answer": ["2", "2", "3", "3", "dots", "dots"], "correct": [1, 1, 1, 1, 1, 1]})
+    holds, evidence = above_chance(EvalResult(rec, np.zeros((6, 8)), 12, 0.0), margin=0.15)
+    assert not holds and "scene 1.00 vs 1.00" in evidence  # counting clears its prior, scene cannot
+    holds, _ = above_chance(EvalResult(rec[rec.family == "counting"], np.zeros((4, 8)), 12, 0.0), margin=0.15)
+    assert holds
+
+
 def test_cache_atomic_write(tmp_path):
     p = tmp_path / "x" / "f.bin"
     cache.atomic_write_bytes(p, b"abc")

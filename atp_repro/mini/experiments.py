@@ -213,3 +213,14 @@ def table3_accuracy(setup: Setup, variant: str = "trainable_144", progress: bool
     model, tok, info = setup.finetune(variant, progress=progress)
     rate = summary_row(variant, setup.evaluate(model, info, tok), ub)["avg_rate"]
     return {s.label: (100.0 * rate if s.atp else 100.0) for s in STRATEGIES.values()}
+
+
+FAR_ABOVE_CHANCE = 0.15  # accuracy - chance, per family, for "far above chance" (issue #4's acceptance)
+
+
+def above_chance(res: EvalResult, margin: float = FAR_ABOVE_CHANCE) -> tuple[bool, str]:
+    """Whether every family's accuracy beats its blind chance level by ``margin``, and the evidence."""
+    table = accuracy_by_family(res.records)
+    gaps = table["accuracy"] - table["chance"]
+    evidence = "; ".join(f"{f} {a:.2f} vs {c:.2f}" for f, a, c in zip(table.index, table["accuracy"], table["chance"]))
+    return bool((gaps >= margin).all()), f"accuracy vs chance: {evidence}"
