@@ -48,6 +48,28 @@ def test_fixed_keep_counts_and_cached_generation_equals_recomputation(impl):
     assert torch.equal(with_cache, without_cache)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_pruning_every_vision_token_still_runs(impl):
+    # A learned threshold can exceed every score (e.g. a high threshold in a short fine-tune): the
+    # later modules then see no vision token at all and must pass the text through unchanged.
+    model = apply_atp(tiny_llava(attn_implementation=impl), ATPConfig(module_layers=LAYERS, fixed_keep=(4, 0, 0)))
+    inputs = tiny_inputs(model, prefix_lengths=(3, 5), prompt_lengths=(6, 2))
+    with torch.no_grad():
+        model(**inputs)
+    assert token_counts(model).tolist() == [[64, 64, 4, 0, 0, 0]] * 2
+    with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(with_cache, model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False))
+    learned = apply_atp(tiny_llava(attn_implementation=impl), ATPConfig(module_layers=LAYERS, temperature=20.0))
+    set_thresholds(learned, theta_r=0.9999, theta_s=0.9999)  # thresholds above every score: nothing survives
+    with torch.no_grad():
+        learned(**inputs)  # hard path (eval)
+    assert token_counts(learned)[:, 2:].sum() == 0
+    labels = torch.where(inputs["input_ids"] == IMAGE_TOKEN_ID, -100, inputs["input_ids"])
+    out = learned.train()(**inputs, labels=labels)  # soft path (train)
+    (out.loss + budget_loss(learned)).backward()
+    assert torch.isfinite(out.loss)
+
+
 def test_kv_cache_shrinks_after_each_module():
     model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8)))
     inputs = tiny_inputs(model)

@@ -138,8 +138,10 @@ def _vision_layout(image_mask: torch.Tensor, valid: torch.Tensor) -> tuple[int, 
 
 
 def _vision_columns(is_vision: torch.Tensor) -> slice:
-    """Smallest slice of positions covering every sample's vision tokens."""
+    """Smallest slice of positions covering every sample's vision tokens (empty if none is left)."""
     positions = torch.nonzero(is_vision.any(0)).flatten()
+    if positions.numel() == 0:
+        return slice(0, 0)
     return slice(int(positions.min()), int(positions.max()) + 1)
 
 
