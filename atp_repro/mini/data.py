@@ -37,6 +37,7 @@ SPLIT_SEEDS: dict[str, int] = {"train": 11, "val": 22, "test": 33}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100
+DEFAULT_SCENE = SceneConfig()  # frozen, so one shared default instance is safe
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Sample:
         return self.question.family
 
 
-def make_sample(world_seed: int, split: str, index: int, scene_cfg: SceneConfig = SceneConfig()) -> Sample:
+def make_sample(world_seed: int, split: str, index: int, scene_cfg: SceneConfig = DEFAULT_SCENE) -> Sample:
     """The ``index``-th sample of ``split``; identical on every call and every machine."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
@@ -76,7 +77,7 @@ SIMPLE_SCENE_MAX_OBJECTS = 3
 
 
 def make_conversation(world_seed: int, split: str, index: int, turns: int,
-                      scene_cfg: SceneConfig = SceneConfig(),
+                      scene_cfg: SceneConfig = DEFAULT_SCENE,
                       simple_fraction: float = 0.0) -> tuple[Scene, list[Question]]:
     """A scene and up to ``turns`` distinct questions about it.
 
@@ -130,7 +131,7 @@ class MiniVQA(torch.utils.data.Dataset):
         tokenizer: PreTrainedTokenizerFast,
         n_image_tokens: int,
         world_seed: int = 0,
-        scene_cfg: SceneConfig = SceneConfig(),
+        scene_cfg: SceneConfig = DEFAULT_SCENE,
         offset: int = 0,
         turns: int = 1,
         question_first: bool = False,

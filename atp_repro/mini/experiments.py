@@ -69,7 +69,7 @@ class Setup:
     @classmethod
     def load(cls, config: str | None = None, *, grid: int | None = None, ub_steps: int | None = None,
              finetune_steps: int | None = None, n_train_ub: int | None = None, n_test: int | None = None,
-             pretrain_steps: int | None = None) -> "Setup":
+             pretrain_steps: int | None = None) -> Setup:
         cfg = runs.load_mini_config(config)
         world = runs.world_from_config(cfg)
         if grid is not None:

@@ -68,7 +68,7 @@ class MiniModelConfig:
     def n_image_tokens(self) -> int:
         return self.grid * self.grid
 
-    def replace(self, **changes) -> "MiniModelConfig":
+    def replace(self, **changes) -> MiniModelConfig:
         return dataclasses.replace(self, **changes)
 
 

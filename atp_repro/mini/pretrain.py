@@ -28,7 +28,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import image_to_tensor
-from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXT_ALPHABET, SceneConfig, generate_scene, glyph_slot_map, label_maps, patch_labels
+from .scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    TEXT_ALPHABET,
+    SceneConfig,
+    generate_scene,
+    glyph_slot_map,
+    label_maps,
+    patch_labels,
+)
 from .train import cosine_with_warmup
 
 MAX_TEXT_LENGTH = 4  # SceneConfig.text_length is at most 4
@@ -66,7 +77,7 @@ class PretrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"PretrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
-    def replace(self, **changes) -> "PretrainConfig":
+    def replace(self, **changes) -> PretrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -83,7 +94,9 @@ def scene_targets(index: int, grid: int, scene_cfg: SceneConfig, world_seed: int
     centre = np.zeros(grid * grid, dtype=np.int64)
     p = scene.image.shape[0] / grid
     for i, o in enumerate(scene.objects):
-        lut["colour"][i + 1], lut["shape"][i + 1], lut["size"][i + 1] = colour_ids[o.colour], shape_ids[o.shape], size_ids[o.size]
+        lut["colour"][i + 1] = colour_ids[o.colour]
+        lut["shape"][i + 1] = shape_ids[o.shape]
+        lut["size"][i + 1] = size_ids[o.size]
         centre[min(int(o.y // p), grid - 1) * grid + min(int(o.x // p), grid - 1)] = 1
     targets = {k: torch.from_numpy(lut[k][obj]) for k in lut}
     targets["centre"] = torch.from_numpy(centre)
@@ -106,13 +119,13 @@ class PerceptionHeads(nn.Module):
         logits = self.patch(feats)  # (B, N, C)
         out, parts, start = 0.0, {}, 0
         for name, n in HEADS.items():
-            l = nn.functional.cross_entropy(logits[..., start : start + n].flatten(0, 1), targets[name].flatten())
-            out, parts[name], start = out + l, float(l.detach()), start + n
+            part = nn.functional.cross_entropy(logits[..., start : start + n].flatten(0, 1), targets[name].flatten())
+            out, parts[name], start = out + part, float(part.detach()), start + n
         g = self.image(feats.mean(1))
         start = 0
         for name, n in GLOBAL_HEADS.items():
-            l = nn.functional.cross_entropy(g[:, start : start + n], targets[name])
-            out, parts[name], start = out + l, float(l.detach()), start + n
+            part = nn.functional.cross_entropy(g[:, start : start + n], targets[name])
+            out, parts[name], start = out + part, float(part.detach()), start + n
         return out, parts
 
 

@@ -52,7 +52,7 @@ class MiniWorldConfig:
                 f"{self.model.image_size} and {self.scene.image_size}"
             )
 
-    def replace(self, **changes) -> "MiniWorldConfig":
+    def replace(self, **changes) -> MiniWorldConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -109,7 +109,8 @@ def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple
         return {"wall_time_s": summary["pretrain_wall_time_s"], **summary}
 
     folder, manifest, status = load_or_build("vision_pretrain", spec, build)
-    return torch.load(folder / "vision_tower.pt", weights_only=True), RunInfo("vision_pretrain", folder, status, manifest)
+    info = RunInfo("vision_pretrain", folder, status, manifest)
+    return torch.load(folder / "vision_tower.pt", weights_only=True), info
 
 
 def upper_bound_spec(world: MiniWorldConfig) -> dict:

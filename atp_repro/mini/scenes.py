@@ -121,7 +121,10 @@ class Scene:
         return self.n_elements + (0 if self.background == "plain" else 1)
 
 
-def _overlaps(box: tuple[float, float, float, float], boxes: list[tuple[float, float, float, float]], gap: float) -> bool:
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+def _overlaps(box: Box, boxes: list[Box], gap: float) -> bool:
     x0, y0, x1, y1 = box
     return any(x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap for b in boxes)
 
