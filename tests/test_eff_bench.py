@@ -29,3 +29,23 @@ def test_benchmark_rows_and_checks():
     assert set(cells.column) == {"Avg. Token", "Accuracy", "CUDA Time (ms)", "Δ"}
     assert len(table3_claims(result.summary, result.runs)) == 4
     assert torch.get_num_threads() >= 1
+
+
+def test_measured_reduction_pairs_rounds_so_that_machine_drift_cancels():
+    import pandas as pd
+
+    # The machine gets 2x slower after round 0; every round ATP takes 40% of the U.B. time.
+    speed = [1.0, 2.0, 2.0]
+    runs = pd.DataFrame([{"strategy": s, "round": r, "seconds": t * f}
+                         for r, f in enumerate(speed) for s, t in (("ub_fast", 1.0), ("atp_fast", 0.4))]
+                        + [{"strategy": "atp_fast", "round": 3, "seconds": 0.4}])  # an unpaired extra round
+    summary = pd.DataFrame([
+        {"strategy": "ub_fast", "median_s": 2.0, "flops": 100.0, "overhead_fraction": None, "overhead_median_s": None},
+        {"strategy": "atp_fast", "median_s": 0.4, "flops": 40.0, "overhead_fraction": 0.01,
+         "overhead_median_s": 0.004},
+    ])
+    m = efficiency_metrics(summary, runs).set_index("metric")
+    row = m.loc["measured / FLOPs-predicted reduction, atp_fast vs ub_fast"]
+    assert abs(row.value - 1.0) < 1e-12  # paired: 60% measured vs 60% predicted
+    unpaired = efficiency_metrics(summary).set_index("metric").loc[row.name]
+    assert abs(unpaired.value - (1 - 0.4 / 2.0) / 0.6) < 1e-12  # ratio of medians: 80% "measured"

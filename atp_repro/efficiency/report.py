@@ -4,7 +4,8 @@ Definitions (all from one run, medians over interleaved rounds):
 
 - Delta(s) = 1 - t(s) / t(ub_eager): the paper's reduction of prefill time vs "U.B. w/o flash attn".
 - FLOPs-predicted reduction of an ATP strategy vs its upper bound with the same kernel:
-  1 - F(ATP) / F(U.B.); measured / predicted = (1 - t(ATP)/t(U.B.)) / (1 - F(ATP)/F(U.B.)).
+  1 - F(ATP) / F(U.B.); measured / predicted = (1 - t(ATP)/t(U.B.)) / (1 - F(ATP)/F(U.B.)), where
+  t(ATP)/t(U.B.) is the median of the per-round ratios (each round times every strategy once).
 - module overhead fraction: the ATP modules' own time (scoring, thresholds, gathering) over the
   whole pruned prefill, median over rounds.
 - fast-everywhere vs paper: t(atp_paper) / t(atp_fast), median of per-round ratios (> 1 = ours faster).
@@ -56,7 +57,10 @@ def efficiency_metrics(summary: pd.DataFrame, runs: pd.DataFrame | None = None) 
         a = _row(summary, atp)
         if a is None or ub is None:
             continue
-        measured = 1 - a.median_s / ub.median_s
+        # Paired per round when the rounds are known: a drift in machine speed between rounds
+        # (shared hosts) cancels in t(ATP)/t(U.B.) of the same round, but not in a ratio of medians.
+        paired = paired_ratio(runs, atp, ub.strategy) if runs is not None else None
+        measured = 1 - (paired if paired is not None else a.median_s / ub.median_s)
         predicted = 1 - a.flops / ub.flops
         ratio = measured / predicted if predicted else None
         add(f"measured / FLOPs-predicted reduction, {atp} vs {ub.strategy}", ratio,
