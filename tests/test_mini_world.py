@@ -204,3 +204,32 @@ def test_conversations_ask_distinct_questions_and_mix_simple_scenes():
     assert max(simple) <= SIMPLE_SCENE_MAX_OBJECTS < max(plain)
     with pytest.raises(ValueError, match="simple_fraction"):
         make_conversation(0, "train", 0, 6, simple_fraction=1.5)
+
+
+def test_world_config_errors_name_the_parameter():
+    from atp_repro.mini.runs import MiniWorldConfig
+
+    with pytest.raises(ValueError, match="ub_simple_fraction"):
+        MiniWorldConfig(ub_simple_fraction=1.5)
+    with pytest.raises(ValueError, match="ub_turns"):
+        MiniWorldConfig(ub_turns=0)
+
+
+def test_notebook_defaults_are_the_library_defaults():
+    # The mini notebooks spell their defaults out as literals (papermill needs literals); they must
+    # be the values the library builds by default, or two notebooks would train two upper bounds.
+    from atp_repro import notebook_runner as nr
+    from atp_repro.mini.experiments import Setup
+
+    setup = Setup.load()
+    expected = {"grid": setup.grid, "pretrain_steps": setup.world.pretrain.steps,
+                "ub_steps": setup.world.train.steps, "finetune_steps": setup.finetune_steps,
+                "n_test": setup.world.n_test}
+    checked = 0
+    for notebook in nr.discover_notebooks():
+        params = nr.notebook_parameters(notebook)
+        for name, value in expected.items():
+            if name in params:
+                assert params[name] == value, f"{notebook.stem}: {name} = {params[name]}, library default {value}"
+                checked += 1
+    assert checked >= 5 * len(expected)

@@ -43,9 +43,11 @@ class MiniWorldConfig:
     ub_simple_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("n_val", "n_test"):
+        for name in ("n_val", "n_test", "ub_turns"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MiniWorldConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ub_simple_fraction <= 1.0:
+            raise ValueError(f"MiniWorldConfig.ub_simple_fraction must be in [0, 1], got {self.ub_simple_fraction}")
         if self.model.image_size != self.scene.image_size:
             raise ValueError(
                 "MiniWorldConfig: model.image_size must equal scene.image_size, got "
