@@ -164,6 +164,35 @@ def test_model_builds_deterministically_and_runs(tok):
     assert gen.shape == (2, g["input_ids"].shape[1] + 2)
 
 
+def test_residual_projections_start_scaled_by_depth(tok):
+    plain = build_model(TINY.replace(scale_residual_init=False), tok)
+    scaled = build_model(TINY, tok)
+    factor = (2 * TINY.lm_layers) ** -0.5
+    for name, a in plain.state_dict().items():
+        b = scaled.state_dict()[name]
+        if "language_model" in name and ("o_proj" in name or "down_proj" in name):
+            assert torch.allclose(b, a * factor), name
+        else:
+            assert torch.equal(a, b), name  # nothing else changes, so the RNG stream is untouched
+
+
+def test_balanced_cross_entropy_weighs_labelled_patches_like_all_background():
+    from atp_repro.mini.pretrain import balanced_cross_entropy
+
+    logits = torch.zeros(10, 3)
+    logits[:, 0] = 4.0  # confident "none" everywhere
+    target = torch.zeros(10, dtype=torch.long)
+    target[0] = 2  # one labelled patch, wrongly predicted
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    got = balanced_cross_entropy(logits, target, has_none=True)
+    assert torch.allclose(got, ce[1:].mean() + ce[0])
+    assert got > 3 * torch.nn.functional.cross_entropy(logits, target)  # the plain mean hides the miss
+    assert torch.allclose(balanced_cross_entropy(logits, torch.zeros(10, dtype=torch.long), has_none=True),
+                          ce[1:].mean())  # no labelled patch: background part only
+    assert torch.allclose(balanced_cross_entropy(logits, target, has_none=False),
+                          torch.nn.functional.cross_entropy(logits, target))
+
+
 def test_label_maps_and_pretraining_targets():
     from atp_repro.mini.pretrain import HEADS, scene_targets
     from atp_repro.mini.scenes import label_maps, patch_labels

@@ -32,6 +32,11 @@ class MiniModelConfig:
     max_position_embeddings: int = 1024
     init_std: float = 0.08  # initializer_range of the Llama decoder; ~1/sqrt(lm_hidden): at the HF default
     # 0.02 the attention logits of a 128-wide decoder start ~0 and it never learns to look up objects (measured)
+    # GPT-2's residual init (as in nanoGPT): the output projections of attention and MLP start at
+    # init_std / sqrt(2 * lm_layers). With the plain init the 8 random layers swamp the small text
+    # residual, and the decoder never learns even a fixed lookup ("what does the text say ?": answer
+    # tokens stayed at chance for 300 steps) while a 2-layer one learns it in 150 (measured).
+    scale_residual_init: bool = True
     attn_implementation: str = "sdpa"
     seed: int = 0
 
@@ -121,11 +126,22 @@ def build_model(cfg: MiniModelConfig, tokenizer) -> LlavaForConditionalGeneratio
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlavaForConditionalGeneration(lc)
+    if cfg.scale_residual_init:
+        scale_residual_projections(model, cfg.lm_layers)
     model.set_attn_implementation(cfg.attn_implementation)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+@torch.no_grad()
+def scale_residual_projections(model: LlavaForConditionalGeneration, n_layers: int) -> None:
+    """Shrink the decoder's residual-branch output weights (``o_proj``, ``down_proj``) by 1/sqrt(2 L)."""
+    factor = (2 * n_layers) ** -0.5
+    for layer in model.model.language_model.layers:
+        layer.self_attn.o_proj.weight.mul_(factor)
+        layer.mlp.down_proj.weight.mul_(factor)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -56,13 +56,18 @@ HEADS: dict[str, int] = {  # per-patch classification heads: classes including "
     "col": MAX_GRID,
 }
 GLOBAL_HEADS: dict[str, int] = {"background": len(BACKGROUNDS), "tone": 2}
+FOREGROUND_HEADS = ("colour", "shape", "size", "centre", "glyph", "glyph_slot")  # class 0 is "none"
+PRETRAIN_LOSS = "balanced-v1"  # part of the cached tower's key: a new loss gives a new artifact
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 400
+    # Linear probes on object/glyph patches of held-out scenes (balanced loss): 400 steps at 2e-3 give
+    # shape 0.33 (of 4) and glyph 0.27 (of 10); 1200 at 5e-3 give shape 0.77, glyph 0.81, size 0.92,
+    # colour 1.00, and a single attention head reads a label's first glyph at 0.85 (measured).
+    steps: int = 1200
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     seed: int = 0
@@ -109,6 +114,23 @@ def scene_targets(index: int, grid: int, scene_cfg: SceneConfig, world_seed: int
     return image_to_tensor(scene.image), targets
 
 
+def balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, has_none: bool) -> torch.Tensor:
+    """Cross-entropy with labelled patches weighted like all "none" patches together.
+
+    Most patches show background, so a plain mean is dominated by the easy "none" class: a tower
+    trained that way reaches a low loss while telling shapes and glyphs apart barely better than
+    chance (measured by a linear probe on object patches: shape 0.31 of 4 classes, glyph 0.16 of 10).
+    Averaging the labelled patches separately gives them half the weight whatever their share.
+    """
+    if not has_none:
+        return nn.functional.cross_entropy(logits, target)
+    fg = target > 0
+    loss = nn.functional.cross_entropy(logits, target, reduction="none")
+    bg_part = loss[~fg].mean() if (~fg).any() else loss.new_zeros(())
+    fg_part = loss[fg].mean() if fg.any() else loss.new_zeros(())
+    return bg_part + fg_part
+
+
 class PerceptionHeads(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -119,7 +141,8 @@ class PerceptionHeads(nn.Module):
         logits = self.patch(feats)  # (B, N, C)
         out, parts, start = 0.0, {}, 0
         for name, n in HEADS.items():
-            part = nn.functional.cross_entropy(logits[..., start : start + n].flatten(0, 1), targets[name].flatten())
+            part = balanced_cross_entropy(logits[..., start : start + n].flatten(0, 1), targets[name].flatten(),
+                                          has_none=name in FOREGROUND_HEADS)
             out, parts[name], start = out + part, float(part.detach()), start + n
         g = self.image(feats.mean(1))
         start = 0

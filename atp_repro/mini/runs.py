@@ -18,7 +18,7 @@ import torch
 from .cache import load_or_build, spec_hash
 from .data import MiniVQA
 from .model import MiniModelConfig, build_model, count_parameters
-from .pretrain import GLOBAL_HEADS, HEADS, PretrainConfig, pretrain_vision_tower
+from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower
 from .scenes import SceneConfig
 from .tokenizer import build_tokenizer
 from .train import TrainConfig, train
@@ -94,7 +94,7 @@ def _asdict(obj: Any) -> dict:
 def vision_spec(world: MiniWorldConfig) -> dict:
     # The pretraining targets define the tower: new targets give a new artifact.
     return {"kind": "vision_pretrain", "model": _asdict(world.model), "scene": _asdict(world.scene),
-            "pretrain": _asdict(world.pretrain), "heads": HEADS, "global_heads": GLOBAL_HEADS,
+            "pretrain": _asdict(world.pretrain), "heads": HEADS, "global_heads": GLOBAL_HEADS, "loss": PRETRAIN_LOSS,
             "world_seed": world.world_seed}
 
 
