@@ -164,6 +164,20 @@ def test_model_builds_deterministically_and_runs(tok):
     assert gen.shape == (2, g["input_ids"].shape[1] + 2)
 
 
+def test_generation_never_emits_the_image_placeholder(tok):
+    cfg = TINY.replace(patch_size=24)
+    model = build_model(cfg, tok)
+    with torch.no_grad():
+        model.lm_head.bias = None
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.image_token_id] = 1.0  # every logit favours <image>
+    ds = MiniVQA("train", 2, tok, cfg.n_image_tokens)
+    g = Collator(tok.pad_token_id, "generate")([ds[0], ds[1]])
+    gen = model.generate(input_ids=g["input_ids"], attention_mask=g["attention_mask"],
+                         pixel_values=g["pixel_values"], max_new_tokens=3, do_sample=False)
+    assert not (gen[:, g["input_ids"].shape[1]:] == tok.image_token_id).any()
+
+
 def test_residual_projections_start_scaled_by_depth(tok):
     plain = build_model(TINY.replace(scale_residual_init=False), tok)
     scaled = build_model(TINY, tok)

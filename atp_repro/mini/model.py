@@ -132,6 +132,9 @@ def build_model(cfg: MiniModelConfig, tokenizer) -> LlavaForConditionalGeneratio
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    # <image> is a placeholder for vision features, never an answer: an untrained model may still
+    # emit it, and a decode step holding an image token would be taken for a second image.
+    model.generation_config.suppress_tokens = [tokenizer.image_token_id]
     return model
 
 
