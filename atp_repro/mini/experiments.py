@@ -116,7 +116,7 @@ class Setup:
         """Evaluate on the test split, cached by (model artifact, test set)."""
         ds = self.test_set(tokenizer)
         spec = {"kind": "eval", "model": info.spec_hash, "n_test": len(ds), "world_seed": self.world.world_seed,
-                "scene": dataclasses.asdict(self.world.scene), "version": 1}
+                "scene": dataclasses.asdict(self.world.scene), "version": 2}
 
         def build(folder):
             res = evaluate(model, ds)
