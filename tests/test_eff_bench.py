@@ -49,3 +49,21 @@ def test_measured_reduction_pairs_rounds_so_that_machine_drift_cancels():
     assert abs(row.value - 1.0) < 1e-12  # paired: 60% measured vs 60% predicted
     unpaired = efficiency_metrics(summary).set_index("metric").loc[row.name]
     assert abs(unpaired.value - (1 - 0.4 / 2.0) / 0.6) < 1e-12  # ratio of medians: 80% "measured"
+
+
+def test_ratio_spread_reports_quartiles_of_the_per_round_ratios():
+    import pandas as pd
+
+    from atp_repro.efficiency.report import paired_ratio, paired_ratios, ratio_spread
+
+    paper = [1.0, 1.1, 0.9, 1.2, 1.0]
+    fast = [1.0, 1.0, 1.0, 1.0, 2.0]  # round 4: a spike in the fast strategy only
+    runs = pd.DataFrame([{"strategy": s, "round": r, "seconds": t}
+                         for r in range(5) for s, t in (("atp_paper", paper[r]), ("atp_fast", fast[r]))])
+    ratios = paired_ratios(runs, "atp_paper", "atp_fast")
+    assert ratios == [1.0, 1.1, 0.9, 1.2, 0.5]
+    assert paired_ratio(runs, "atp_paper", "atp_fast") == 1.0  # the median ignores the spike
+    # statistics.quantiles (exclusive method) of [0.5, 0.9, 1.0, 1.1, 1.2]: 0.7 and 1.15
+    assert ratio_spread(runs, "atp_paper", "atp_fast") == "per-round ratios: quartiles 0.700-1.150 over 5 rounds"
+    assert ratio_spread(None, "atp_paper", "atp_fast") == "per-round spread not available"
+    assert paired_ratio(runs, "atp_paper", "ub_fast") is None
