@@ -63,7 +63,7 @@ def test_ratio_spread_reports_quartiles_of_the_per_round_ratios():
     ratios = paired_ratios(runs, "atp_paper", "atp_fast")
     assert ratios == [1.0, 1.1, 0.9, 1.2, 0.5]
     assert paired_ratio(runs, "atp_paper", "atp_fast") == 1.0  # the median ignores the spike
-    # statistics.quantiles (exclusive method) of [0.5, 0.9, 1.0, 1.1, 1.2]: 0.7 and 1.15
-    assert ratio_spread(runs, "atp_paper", "atp_fast") == "per-round ratios: quartiles 0.700-1.150 over 5 rounds"
+    # inclusive quartiles of [0.5, 0.9, 1.0, 1.1, 1.2]: 0.9 and 1.1
+    assert ratio_spread(runs, "atp_paper", "atp_fast") == "per-round ratios: quartiles 0.900-1.100 over 5 rounds"
     assert ratio_spread(None, "atp_paper", "atp_fast") == "per-round spread not available"
     assert paired_ratio(runs, "atp_paper", "ub_fast") is None

@@ -49,7 +49,7 @@ def ratio_spread(runs: pd.DataFrame | None, numerator: str, denominator: str) ->
     ratios = [] if runs is None else paired_ratios(runs, numerator, denominator)
     if len(ratios) < 2:
         return "per-round spread not available"
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")  # as timing.summarize
     return f"per-round ratios: quartiles {q1:.3f}-{q3:.3f} over {len(ratios)} rounds"
 
 
