@@ -6,8 +6,12 @@ import pandas as pd
 import pytest
 
 from atp_repro.efficiency.models import timing_model_config
-from atp_repro.efficiency.pruning_layer import (VARIANTS, pruning_layer_lengths, pruning_layer_summary,
-                                                time_pruning_layers)
+from atp_repro.efficiency.pruning_layer import (
+    VARIANTS,
+    pruning_layer_lengths,
+    pruning_layer_summary,
+    time_pruning_layers,
+)
 
 
 def _micro():

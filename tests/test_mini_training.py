@@ -102,7 +102,8 @@ def test_mismatched_manifest_is_reported(cache_dir):
 
 
 def test_interrupted_training_resumes_to_identical_weights(cache_dir, monkeypatch):
-    from atp_repro.mini import runs, train as train_mod
+    from atp_repro.mini import runs
+    from atp_repro.mini import train as train_mod
 
     reference, _, _ = upper_bound(TINY_WORLD, progress=False)
     ref = _state(reference)
@@ -130,7 +131,8 @@ def test_interrupted_training_resumes_to_identical_weights(cache_dir, monkeypatc
 
 
 def test_corrupted_partial_checkpoint_restarts(cache_dir, monkeypatch):
-    from atp_repro.mini import runs, train as train_mod
+    from atp_repro.mini import runs
+    from atp_repro.mini import train as train_mod
 
     real_train = train_mod.train
 

@@ -17,7 +17,6 @@ prefill it can move.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -27,7 +26,7 @@ import torch
 from atp_repro.atp.attention import ScoreRequest, atp_scoring_attention
 
 from .models import TimingModelConfig
-from .timing import synchronize
+from .timing import summarize, synchronize
 
 VARIANTS: tuple[str, ...] = ("eager_map", "fast_block")
 
@@ -116,10 +115,10 @@ def pruning_layer_summary(rows: pd.DataFrame) -> pd.DataFrame:
     total.index = pd.MultiIndex.from_tuples([("total", -1, r) for r in total.index], names=per_round.index.names)
     out = []
     for (layer, seq_len), block in pd.concat([per_round, total]).groupby(level=["layer", "seq_len"], sort=False):
-        ratios = (block["eager_map"] / block["fast_block"]).tolist()
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+        ratios = summarize((block["eager_map"] / block["fast_block"]).tolist())
         out.append({"layer": layer, "seq_len": seq_len if seq_len >= 0 else None,
-                    "eager_map_ms": 1e3 * block["eager_map"].median(), "fast_block_ms": 1e3 * block["fast_block"].median(),
-                    "eager_over_fast": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3,
-                    "rounds": len(ratios)})
+                    "eager_map_ms": 1e3 * block["eager_map"].median(),
+                    "fast_block_ms": 1e3 * block["fast_block"].median(),
+                    "eager_over_fast": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"],
+                    "rounds": len(block)})
     return pd.DataFrame(out)

@@ -19,7 +19,10 @@ import pandas as pd
 
 from atp_repro.paper import Claim
 
-__all__ = ["efficiency_metrics", "table3_rows", "metric", "paired_ratio", "paired_ratios", "ratio_spread", "table3_claims"]
+from .timing import summarize
+
+__all__ = ["efficiency_metrics", "table3_rows", "metric", "paired_ratio", "paired_ratios", "ratio_spread",
+           "table3_claims"]
 
 TARGET_MEASURED_OVER_PREDICTED = 0.85
 TARGET_OVERHEAD = 0.02
@@ -49,8 +52,8 @@ def ratio_spread(runs: pd.DataFrame | None, numerator: str, denominator: str) ->
     ratios = [] if runs is None else paired_ratios(runs, numerator, denominator)
     if len(ratios) < 2:
         return "per-round spread not available"
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")  # as timing.summarize
-    return f"per-round ratios: quartiles {q1:.3f}-{q3:.3f} over {len(ratios)} rounds"
+    stats = summarize(ratios)
+    return f"per-round ratios: quartiles {stats['q1']:.3f}-{stats['q3']:.3f} over {len(ratios)} rounds"
 
 
 def efficiency_metrics(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -147,5 +150,6 @@ def table3_claims(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> li
         ratio = paired_ratio(runs, "atp_paper", "atp_fast") if runs is not None else t["atp_paper"] / t["atp_fast"]
         claims.append(Claim("Ours: fast kernel at the pruning layers too is at least as fast as the paper's strategy",
                             bool(ratio is not None and ratio >= 1.0),
-                            f"t(paper) / t(fast) = {ratio:.3f} (median; {ratio_spread(runs, 'atp_paper', 'atp_fast')})"))
+                            f"t(paper) / t(fast) = {ratio:.3f} "
+                            f"(median; {ratio_spread(runs, 'atp_paper', 'atp_fast')})"))
     return claims

@@ -85,14 +85,17 @@ def time_prefill(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Pre
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Median and spread of repeated timings: ``median, min, max, iqr, spread`` (max-min over median)."""
+    """Median and spread of repeated values: ``median, min, max, q1, q3, iqr, spread`` (max-min over median).
+
+    Quartiles use the inclusive method (the sample's own min and max are the 0th and 4th quartile).
+    """
     if not values:
         raise ValueError("no timings to summarize")
     ordered = sorted(values)
     median = statistics.median(ordered)
     q1, q3 = (statistics.quantiles(ordered, n=4, method="inclusive")[i] for i in (0, 2)) if len(ordered) > 1 else (
         median, median)
-    return {"median": median, "min": ordered[0], "max": ordered[-1], "iqr": q3 - q1,
+    return {"median": median, "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3, "iqr": q3 - q1,
             "spread": (ordered[-1] - ordered[0]) / median if median else 0.0}
 
 
