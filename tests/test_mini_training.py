@@ -17,7 +17,15 @@ import pytest
 import torch
 
 from atp_repro.mini import cache
-from atp_repro.mini.evaluate import accuracy_by_family, avg_rate, blind_chance, evaluate, spearman, token_summary
+from atp_repro.mini.evaluate import (
+    accuracy_by_family,
+    avg_rate,
+    blind_chance,
+    evaluate,
+    pope_metrics,
+    spearman,
+    token_summary,
+)
 from atp_repro.mini.model import MiniModelConfig
 from atp_repro.mini.pretrain import PretrainConfig
 from atp_repro.mini.runs import MiniWorldConfig, upper_bound
@@ -204,6 +212,24 @@ def test_metrics():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
     _ = accuracy_by_family
+
+
+def test_pope_metrics_pair_positives_with_each_negative_setting():
+    # 4 positives (3 answered yes), 2 random negatives (0 yes), 2 adversarial negatives (2 yes); other families ignored.
+    rec = pd.DataFrame({
+        "family": ["existence"] * 8 + ["text"],
+        "subtype": ["positive"] * 4 + ["random"] * 2 + ["adversarial"] * 2 + ["read"],
+        "prediction": ["yes", "yes", "yes", "no", "no", "no", "yes", "yes", "yes"],
+    })
+    m = pope_metrics(rec).set_index("setting")
+    assert m.loc["random"].tolist() == pytest.approx([6, 5 / 6, 1.0, 0.75, 2 * 0.75 / 1.75, 0.5, 0.0, 0.75])
+    adv = m.loc["adversarial"]
+    assert adv.precision == pytest.approx(0.6) and adv.fpr == 1.0 and adv.yes_gap == pytest.approx(-0.25)
+    assert m.loc["all", "n"] == 8 and m.loc["all", "yes_ratio"] == pytest.approx(5 / 8)
+    # An image-blind model that always says "yes": recall = false-positive rate, no gap.
+    blind = pope_metrics(rec.assign(prediction="yes")).set_index("setting")
+    assert (blind.yes_gap == 0).all() and (blind.yes_ratio == 1).all()
+    assert pope_metrics(rec[rec.family == "text"]).empty
 
 
 def test_above_chance_needs_every_family_clear_of_its_prior():

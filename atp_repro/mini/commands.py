@@ -59,7 +59,7 @@ def _eval(parser: argparse.ArgumentParser):
     parser.add_argument("--out", default=None, help="write per-sample records to this CSV")
 
     def run(args: argparse.Namespace) -> int:
-        from atp_repro.mini.evaluate import avg_rate, evaluate
+        from atp_repro.mini.evaluate import avg_rate, evaluate, pope_metrics
         from atp_repro.mini.runs import upper_bound
 
         (model, tok, info), world = _load(args)
@@ -72,6 +72,10 @@ def _eval(parser: argparse.ArgumentParser):
             table["upper_bound"] = ub["accuracy"]
             print(f"Avg. Rate: {avg_rate(table['accuracy'], ub['accuracy']):.4f}")
         print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+        pope = pope_metrics(res.records)
+        if not pope.empty:
+            print("existence, POPE metrics (yes_gap = recall - false-positive rate; 0 = answers ignore the image):")
+            print(pope.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(json.dumps(res.tokens(), indent=2))
         if args.out:
             res.records.to_csv(args.out, index=False)

@@ -138,6 +138,35 @@ def accuracy_by_family(records: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def pope_metrics(records: pd.DataFrame) -> pd.DataFrame:
+    """POPE's metrics on the existence family, one row per negative-sampling setting.
+
+    As in POPE, each setting pairs all positive questions with that setting's negatives (``random``:
+    an absent colour and shape; ``adversarial``: a present shape in an absent colour), "yes" is the
+    positive class, and ``yes_ratio`` is the share of "yes" answers: a model that answers without
+    looking at the image shows equal recall and false-positive rate (``yes_gap`` = recall - FPR = 0).
+    Returns ``setting, n, accuracy, precision, recall, f1, yes_ratio, fpr, yes_gap``.
+    """
+    ex = records[records["family"] == "existence"]
+    positives = ex[ex["subtype"] == "positive"]
+    rows = []
+    for setting in ("random", "adversarial", "all"):
+        negatives = ex[ex["subtype"] != "positive"] if setting == "all" else ex[ex["subtype"] == setting]
+        if positives.empty or negatives.empty:
+            continue
+        said_yes_pos = positives["prediction"].eq("yes")
+        said_yes_neg = negatives["prediction"].eq("yes")
+        tp, fp = int(said_yes_pos.sum()), int(said_yes_neg.sum())
+        recall, fpr = tp / len(positives), fp / len(negatives)
+        precision = tp / (tp + fp) if tp + fp else float("nan")
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        n = len(positives) + len(negatives)
+        rows.append({"setting": setting, "n": n, "accuracy": (tp + len(negatives) - fp) / n, "precision": precision,
+                     "recall": recall, "f1": f1, "yes_ratio": (tp + fp) / n, "fpr": fpr, "yes_gap": recall - fpr})
+    return pd.DataFrame(rows, columns=["setting", "n", "accuracy", "precision", "recall", "f1", "yes_ratio", "fpr",
+                                       "yes_gap"])
+
+
 def avg_rate(acc: pd.Series, upper_bound: pd.Series) -> float:
     """Mean over families of ``acc / upper_bound`` (families present in both; a family the upper
     bound scores 0 on has no defined rate and is skipped; NaN if none is left)."""
