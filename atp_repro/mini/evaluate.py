@@ -142,9 +142,10 @@ def pope_metrics(records: pd.DataFrame) -> pd.DataFrame:
     """POPE's metrics on the existence family, one row per negative-sampling setting.
 
     As in POPE, each setting pairs all positive questions with that setting's negatives (``random``:
-    an absent colour and shape; ``adversarial``: a present shape in an absent colour), "yes" is the
-    positive class, and ``yes_ratio`` is the share of "yes" answers: a model that answers without
-    looking at the image shows equal recall and false-positive rate (``yes_gap`` = recall - FPR = 0).
+    any colour-and-shape pair absent from the scene; ``adversarial``: a present shape in a colour it
+    does not have there; ``all``: both kinds), "yes" is the positive class, and ``yes_ratio`` is the
+    share of "yes" answers. A model that answers without looking at the image shows equal recall
+    and false-positive rate (``yes_gap`` = recall - FPR = 0).
     Returns ``setting, n, accuracy, precision, recall, f1, yes_ratio, fpr, yes_gap``.
     """
     ex = records[records["family"] == "existence"]
