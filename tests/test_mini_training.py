@@ -138,6 +138,25 @@ def test_interrupted_training_resumes_to_identical_weights(cache_dir, monkeypatc
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_data_fingerprint_follows_generated_data_not_configs(monkeypatch):
+    """A change to question wording keeps every config field, so only the data fingerprint sees it."""
+    from atp_repro.mini import questions, runs
+
+    before = runs.upper_bound_spec(TINY_WORLD)
+    assert runs.upper_bound_spec(TINY_WORLD) == before  # deterministic
+    reworded = questions.GENERATORS["scene"]
+
+    def scene_question(scene, rng):
+        q = reworded(scene, rng)
+        return questions.Question(q.family, q.subtype, q.question.replace("what", "which"), q.answer)
+
+    monkeypatch.setitem(questions.GENERATORS, "scene", scene_question)
+    after = runs.upper_bound_spec(TINY_WORLD)
+    assert after["data"] != before["data"]
+    assert cache.spec_hash(after) != cache.spec_hash(before)
+    assert runs.vision_spec(TINY_WORLD)["data"] == after["data"]
+
+
 def test_corrupted_partial_checkpoint_restarts(cache_dir, monkeypatch):
     from atp_repro.mini import runs
     from atp_repro.mini import train as train_mod

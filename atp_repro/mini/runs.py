@@ -8,6 +8,7 @@ artifact in the cache, later calls load it after verifying checksums and config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any
 import torch
 
 from .cache import load_or_build, spec_hash
-from .data import MiniVQA
+from .data import SPLIT_SEEDS, MiniVQA, make_conversation, make_sample
 from .model import MiniModelConfig, build_model, count_parameters
-from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower
+from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower, scene_targets
 from .scenes import SceneConfig
 from .tokenizer import build_tokenizer
 from .train import TrainConfig, train
@@ -91,11 +92,41 @@ def _asdict(obj: Any) -> dict:
     return dict(vars(obj))
 
 
+FINGERPRINT_SAMPLES = 8  # items per data stream hashed into every cache key
+
+
+def data_fingerprint(world: MiniWorldConfig, n: int = FINGERPRINT_SAMPLES) -> str:
+    """SHA-256 of the first ``n`` items of every data stream the cached runs train or test on.
+
+    The configs alone do not pin the data: a change to scene drawing or question wording in
+    ``scenes.py``/``questions.py``/``data.py`` keeps every config field and vocabulary word the same.
+    Hashing generated items (pixels, questions, answers, pretraining targets) makes such a change a
+    new cache key, while edits that do not change the data (comments, refactors) keep the cache.
+    """
+    h = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        for part in parts:
+            h.update(part.numpy().tobytes() if isinstance(part, torch.Tensor) else
+                     part.tobytes() if hasattr(part, "tobytes") else str(part).encode())
+
+    for i in range(n):
+        for split in SPLIT_SEEDS:
+            s = make_sample(world.world_seed, split, i, world.scene)
+            add(split, s.scene.image, s.question)
+        scene, questions = make_conversation(world.world_seed, "train", i, world.ub_turns, world.scene,
+                                             simple_fraction=world.ub_simple_fraction)
+        add(scene.image, *questions)
+        pixels, targets = scene_targets(i, world.grid, world.scene, world.world_seed)
+        add(pixels, *(targets[k] for k in sorted(targets)))
+    return h.hexdigest()
+
+
 def vision_spec(world: MiniWorldConfig) -> dict:
     # The pretraining targets define the tower: new targets give a new artifact.
     return {"kind": "vision_pretrain", "model": _asdict(world.model), "scene": _asdict(world.scene),
             "pretrain": _asdict(world.pretrain), "heads": HEADS, "global_heads": GLOBAL_HEADS, "loss": PRETRAIN_LOSS,
-            "world_seed": world.world_seed}
+            "world_seed": world.world_seed, "data": data_fingerprint(world)}
 
 
 def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple[dict, RunInfo]:
@@ -126,6 +157,7 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "ub_turns": world.ub_turns,
         "ub_simple_fraction": world.ub_simple_fraction,
         "vocab": build_tokenizer().get_vocab(),
+        "data": data_fingerprint(world),
     }
 
 
