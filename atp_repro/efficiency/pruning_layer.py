@@ -111,14 +111,16 @@ def pruning_layer_summary(rows: pd.DataFrame) -> pd.DataFrame:
     ``total`` row sums the layers within each round before taking medians.
     """
     per_round = rows.pivot_table(index=["layer", "seq_len", "round"], columns="variant", values="seconds")
-    total = per_round.groupby(level="round").sum()
-    total.index = pd.MultiIndex.from_tuples([("total", -1, r) for r in total.index], names=per_round.index.names)
-    out = []
-    for (layer, seq_len), block in pd.concat([per_round, total]).groupby(level=["layer", "seq_len"], sort=False):
+
+    def summary_row(layer: int | str, seq_len: int | None, block: pd.DataFrame) -> dict:
         ratios = summarize((block["eager_map"] / block["fast_block"]).tolist())
-        out.append({"layer": layer, "seq_len": seq_len if seq_len >= 0 else None,
-                    "eager_map_ms": 1e3 * block["eager_map"].median(),
-                    "fast_block_ms": 1e3 * block["fast_block"].median(),
-                    "eager_over_fast": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"],
-                    "rounds": len(block)})
+        return {"layer": layer, "seq_len": seq_len,
+                "eager_map_ms": 1e3 * block["eager_map"].median(),
+                "fast_block_ms": 1e3 * block["fast_block"].median(),
+                "eager_over_fast": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"],
+                "rounds": len(block)}
+
+    out = [summary_row(layer, seq_len, block)
+           for (layer, seq_len), block in per_round.groupby(level=["layer", "seq_len"], sort=False)]
+    out.append(summary_row("total", None, per_round.groupby(level="round").sum()))
     return pd.DataFrame(out)
