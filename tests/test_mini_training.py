@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,23 @@ def test_data_fingerprint_follows_generated_data_not_configs(monkeypatch):
     assert after["data"] != before["data"]
     assert cache.spec_hash(after) != cache.spec_hash(before)
     assert runs.vision_spec(TINY_WORLD)["data"] == after["data"]
+
+
+def test_atp_finetune_does_not_depend_on_the_global_rng(cache_dir):
+    """A fine-tune is the same whatever ran before it in the process (cold vs warm cache)."""
+    from atp_repro import ATPConfig
+    from atp_repro.mini import runs
+
+    atp_cfg = ATPConfig(module_layers=(0, 3, 5), grid_strides=(2,))
+    train_cfg = TrainConfig(steps=2, batch_size=2, n_train=4, lr_atp=1e-2)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model, _, info = runs.atp_finetune(TINY_WORLD, atp_cfg, train_cfg, progress=False)
+        states.append(model.state_dict())
+        shutil.rmtree(info.folder)
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
 
 
 def test_corrupted_partial_checkpoint_restarts(cache_dir, monkeypatch):

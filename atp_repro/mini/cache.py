@@ -3,8 +3,8 @@
 An artifact is a folder ``<root>/<name>-<hash12>/`` holding ``model.pt`` (a state dict), the
 tokenizer and ``manifest.json``. The hash is the SHA-256 of the canonical JSON of the artifact's
 *spec* (every config that determines the result, a fingerprint of the generated training data,
-the parent artifact's hash and :data:`CACHE_VERSION`). The manifest is written last, atomically, and stores the spec and the
-SHA-256 of every file, so
+the parent artifact's hash and :data:`CACHE_VERSION`). The manifest is written last, atomically,
+and stores the spec and the SHA-256 of every file, so
 
 * a half-written artifact has no manifest and is rebuilt;
 * a corrupted file (hash mismatch) or a manifest whose spec differs from the request raises

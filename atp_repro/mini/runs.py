@@ -208,6 +208,7 @@ def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> di
         "parent": spec_hash(upper_bound_spec(world)),
         "atp": _asdict(atp_cfg),
         "train": _asdict(train_cfg),
+        "atp_init": "seeded",  # ATP modules initialised from train_cfg.seed (earlier: the global RNG)
     }
 
 
@@ -219,7 +220,12 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
     ub, tok, _ = upper_bound(world, progress=progress)
 
     def build(folder: Path) -> dict:
-        model = apply_atp(ub, atp_cfg)
+        # The threshold networks' trunks are drawn at insertion. From the global RNG they would depend
+        # on what ran before in the process (a freshly trained upper bound vs one loaded from the cache
+        # gave different fine-tunes: 309 vs 264 tokens, measured), so they are drawn from the run's seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train_cfg.seed)
+            model = apply_atp(ub, atp_cfg)
         ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress)
