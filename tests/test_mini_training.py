@@ -144,6 +144,7 @@ def test_data_fingerprint_follows_generated_data_not_configs(monkeypatch):
     from atp_repro.mini import questions, runs
 
     before = runs.upper_bound_spec(TINY_WORLD)
+    tower = runs.vision_spec(TINY_WORLD)
     assert runs.upper_bound_spec(TINY_WORLD) == before  # deterministic
     reworded = questions.GENERATORS["scene"]
 
@@ -155,7 +156,23 @@ def test_data_fingerprint_follows_generated_data_not_configs(monkeypatch):
     after = runs.upper_bound_spec(TINY_WORLD)
     assert after["data"] != before["data"]
     assert cache.spec_hash(after) != cache.spec_hash(before)
-    assert runs.vision_spec(TINY_WORLD)["data"] == after["data"]
+    assert runs.vision_spec(TINY_WORLD) == tower  # the tower never sees a question: it is reused
+
+
+def test_pretraining_fingerprint_follows_the_towers_targets(monkeypatch):
+    from atp_repro.mini import runs
+
+    before = runs.vision_spec(TINY_WORLD)
+    real = runs.scene_targets
+
+    def no_centre_targets(index, grid, scene_cfg, world_seed=0):
+        pixels, targets = real(index, grid, scene_cfg, world_seed)
+        return pixels, {**targets, "centre": torch.zeros_like(targets["centre"])}
+
+    monkeypatch.setattr(runs, "scene_targets", no_centre_targets)
+    after = runs.vision_spec(TINY_WORLD)
+    assert after["data"] != before["data"]
+    assert runs.upper_bound_spec(TINY_WORLD)["vision"] == cache.spec_hash(after)  # a new tower, a new U.B.
 
 
 def test_atp_finetune_does_not_depend_on_the_global_rng(cache_dir):

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -95,38 +96,56 @@ def _asdict(obj: Any) -> dict:
 FINGERPRINT_SAMPLES = 8  # items per data stream hashed into every cache key
 
 
+def _hash_items(items: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for part in items:
+        h.update(part.numpy().tobytes() if isinstance(part, torch.Tensor) else
+                 part.tobytes() if hasattr(part, "tobytes") else str(part).encode())
+    return h.hexdigest()
+
+
+def pretraining_fingerprint(world: MiniWorldConfig, n: int = FINGERPRINT_SAMPLES) -> str:
+    """SHA-256 of the first ``n`` vision-pretraining images and their dense targets (the tower's data)."""
+
+    def items() -> Iterator[Any]:
+        for i in range(n):
+            pixels, targets = scene_targets(i, world.grid, world.scene, world.world_seed)
+            yield pixels
+            yield from (targets[k] for k in sorted(targets))
+
+    return _hash_items(items())
+
+
 def data_fingerprint(world: MiniWorldConfig, n: int = FINGERPRINT_SAMPLES) -> str:
-    """SHA-256 of the first ``n`` items of every data stream the cached runs train or test on.
+    """SHA-256 of the first ``n`` items of every VQA stream: each split's samples and the upper
+    bound's multi-turn conversations.
 
     The configs alone do not pin the data: a change to scene drawing or question wording in
     ``scenes.py``/``questions.py``/``data.py`` keeps every config field and vocabulary word the same.
-    Hashing generated items (pixels, questions, answers, pretraining targets) makes such a change a
-    new cache key, while edits that do not change the data (comments, refactors) keep the cache.
+    Hashing generated items (pixels, questions, answers) makes such a change a new cache key, while
+    edits that do not change the data (comments, refactors) keep the cache. The vision tower has its
+    own :func:`pretraining_fingerprint`, so rewording a question retrains the upper bound but not the
+    tower.
     """
-    h = hashlib.sha256()
 
-    def add(*parts: Any) -> None:
-        for part in parts:
-            h.update(part.numpy().tobytes() if isinstance(part, torch.Tensor) else
-                     part.tobytes() if hasattr(part, "tobytes") else str(part).encode())
+    def items() -> Iterator[Any]:
+        for i in range(n):
+            for split in SPLIT_SEEDS:
+                s = make_sample(world.world_seed, split, i, world.scene)
+                yield from (split, s.scene.image, s.question)
+            scene, questions = make_conversation(world.world_seed, "train", i, world.ub_turns, world.scene,
+                                                 simple_fraction=world.ub_simple_fraction)
+            yield scene.image
+            yield from questions
 
-    for i in range(n):
-        for split in SPLIT_SEEDS:
-            s = make_sample(world.world_seed, split, i, world.scene)
-            add(split, s.scene.image, s.question)
-        scene, questions = make_conversation(world.world_seed, "train", i, world.ub_turns, world.scene,
-                                             simple_fraction=world.ub_simple_fraction)
-        add(scene.image, *questions)
-        pixels, targets = scene_targets(i, world.grid, world.scene, world.world_seed)
-        add(pixels, *(targets[k] for k in sorted(targets)))
-    return h.hexdigest()
+    return _hash_items(items())
 
 
 def vision_spec(world: MiniWorldConfig) -> dict:
     # The pretraining targets define the tower: new targets give a new artifact.
     return {"kind": "vision_pretrain", "model": _asdict(world.model), "scene": _asdict(world.scene),
             "pretrain": _asdict(world.pretrain), "heads": HEADS, "global_heads": GLOBAL_HEADS, "loss": PRETRAIN_LOSS,
-            "world_seed": world.world_seed, "data": data_fingerprint(world)}
+            "world_seed": world.world_seed, "data": pretraining_fingerprint(world)}
 
 
 def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple[dict, RunInfo]:
