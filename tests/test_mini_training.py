@@ -316,3 +316,31 @@ def test_cli_train_and_eval_are_registered():
     assert args.stage == "upper-bound" and args.n_test == 12
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--stage", "lora"])
+
+
+def test_rate_over_above_chance_families_ignores_families_at_their_prior():
+    from atp_repro.mini.evaluate import EvalResult
+    from atp_repro.mini.experiments import families_above_chance, summary_row
+
+    # counting: chance 0.5, the upper bound gets all 4 right; scene: a single answer, chance 1.0.
+    fam = ["counting"] * 4 + ["scene"] * 2
+    ub = pd.DataFrame({"family": fam, "question": ["q"] * 4 + ["s"] * 2, "subtype": "x",
+                       "answer": ["2", "2", "3", "3", "dots", "dots"], "correct": [True] * 6, "mean_tokens": 36.0,
+                       "complexity": range(6), "n_elements": range(6), "busy_fraction": 0.5})
+    run = ub.assign(correct=[True, True, True, False, False, False])  # counting 0.75, scene 0.0
+    ub_res, run_res = EvalResult(ub, np.zeros((6, 8)), 12, 0.0), EvalResult(run, np.full((6, 8), 36.0), 12, 0.0)
+    assert families_above_chance(ub_res) == ["counting"]
+    row = summary_row("r", run_res, ub_res)
+    assert row["avg_rate"] == pytest.approx((0.75 + 0.0) / 2)
+    assert row["avg_rate_above_chance"] == pytest.approx(0.75)
+
+
+def test_keep_all_control_is_the_main_run_with_every_token_kept():
+    from atp_repro.mini.experiments import VARIANTS, Setup
+
+    setup = Setup.load()
+    main, control = (setup.atp_config(VARIANTS[v]) for v in ("trainable_144", "trainable_keep_all"))
+    assert main.fixed_keep is None
+    assert control.fixed_keep == (setup.grid ** 2,) * len(main.module_layers)
+    assert control.replace(fixed_keep=None) == main
+    assert setup.train_config(VARIANTS["trainable_keep_all"]) == setup.train_config(VARIANTS["trainable_144"])
