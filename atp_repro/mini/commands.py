@@ -60,6 +60,7 @@ def _eval(parser: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         from atp_repro.mini.evaluate import avg_rate, evaluate, pope_metrics
+        from atp_repro.mini.experiments import families_above_chance
         from atp_repro.mini.runs import upper_bound
 
         (model, tok, info), world = _load(args)
@@ -68,9 +69,13 @@ def _eval(parser: argparse.ArgumentParser):
         table = res.by_family()
         if args.stage == "atp":
             ub_model, _, _ = upper_bound(world, progress=False)
-            ub = evaluate(ub_model, ds).by_family()
+            ub_res = evaluate(ub_model, ds)
+            ub = ub_res.by_family()
             table["upper_bound"] = ub["accuracy"]
             print(f"Avg. Rate: {avg_rate(table['accuracy'], ub['accuracy']):.4f}")
+            clear = families_above_chance(ub_res)  # elsewhere a rate is a ratio of two guesses
+            print(f"Avg. Rate over the families the upper bound answers far above chance ({', '.join(clear)}): "
+                  f"{avg_rate(table['accuracy'], ub['accuracy'][clear]):.4f}")
         print(table.to_string(float_format=lambda x: f"{x:.3f}"))
         pope = pope_metrics(res.records)
         if not pope.empty:
