@@ -324,7 +324,7 @@ def test_rate_over_above_chance_families_ignores_families_at_their_prior():
 
     # counting: chance 0.5, the upper bound gets all 4 right; scene: a single answer, chance 1.0.
     fam = ["counting"] * 4 + ["scene"] * 2
-    ub = pd.DataFrame({"family": fam, "question": ["q"] * 4 + ["s"] * 2, "subtype": "x",
+    ub = pd.DataFrame({"index": range(6), "family": fam, "question": ["q"] * 4 + ["s"] * 2, "subtype": "x",
                        "answer": ["2", "2", "3", "3", "dots", "dots"], "correct": [True] * 6, "mean_tokens": 36.0,
                        "complexity": range(6), "n_elements": range(6), "busy_fraction": 0.5})
     run = ub.assign(correct=[True, True, True, False, False, False])  # counting 0.75, scene 0.0
@@ -333,6 +333,34 @@ def test_rate_over_above_chance_families_ignores_families_at_their_prior():
     row = summary_row("r", run_res, ub_res)
     assert row["avg_rate"] == pytest.approx((0.75 + 0.0) / 2)
     assert row["avg_rate_above_chance"] == pytest.approx(0.75)
+
+
+def _records(correct: list[bool], family: str = "counting") -> pd.DataFrame:
+    return pd.DataFrame({"index": range(len(correct)), "family": family, "correct": correct})
+
+
+def test_avg_rate_interval_is_a_point_when_the_runs_agree_and_widens_with_fewer_questions():
+    from atp_repro.mini.evaluate import avg_rate_interval
+
+    rng = np.random.default_rng(0)
+    ub = rng.random(3000) < 0.8
+    run = ub & (rng.random(3000) < 0.9)  # the run loses 10% of the upper bound's right answers
+    assert avg_rate_interval(_records(list(ub)), _records(list(ub))) == (1.0, 1.0)  # paired: no spread
+    low, high = avg_rate_interval(_records(list(run)), _records(list(ub)))
+    assert low < run.sum() / ub.sum() < high and high - low < 0.03
+    low_s, high_s = avg_rate_interval(_records(list(run[:300])), _records(list(ub[:300])))
+    assert high_s - low_s > 2 * (high - low)  # 10x fewer questions: about sqrt(10) x wider
+    assert avg_rate_interval(_records(list(run)), _records(list(ub)), seed=1) != (low, high)
+    assert avg_rate_interval(_records(list(run)), _records(list(ub))) == (low, high)  # seeded
+
+
+def test_avg_rate_interval_rejects_mismatched_test_sets_and_bad_levels():
+    from atp_repro.mini.evaluate import avg_rate_interval
+
+    with pytest.raises(ValueError, match="same test set"):
+        avg_rate_interval(_records([True] * 4), _records([True] * 6))
+    with pytest.raises(ValueError, match="level"):
+        avg_rate_interval(_records([True] * 4), _records([True] * 4), level=95)
 
 
 def test_keep_all_control_is_the_main_run_with_every_token_kept():

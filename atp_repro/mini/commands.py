@@ -59,7 +59,7 @@ def _eval(parser: argparse.ArgumentParser):
     parser.add_argument("--out", default=None, help="write per-sample records to this CSV")
 
     def run(args: argparse.Namespace) -> int:
-        from atp_repro.mini.evaluate import avg_rate, evaluate, pope_metrics
+        from atp_repro.mini.evaluate import avg_rate, avg_rate_interval, evaluate, pope_metrics
         from atp_repro.mini.experiments import families_above_chance
         from atp_repro.mini.runs import upper_bound
 
@@ -72,7 +72,9 @@ def _eval(parser: argparse.ArgumentParser):
             ub_res = evaluate(ub_model, ds)
             ub = ub_res.by_family()
             table["upper_bound"] = ub["accuracy"]
-            print(f"Avg. Rate: {avg_rate(table['accuracy'], ub['accuracy']):.4f}")
+            low, high = avg_rate_interval(res.records, ub_res.records)
+            print(f"Avg. Rate: {avg_rate(table['accuracy'], ub['accuracy']):.4f} "
+                  f"(95% paired-bootstrap interval over the test questions: {low:.4f}-{high:.4f})")
             clear = families_above_chance(ub_res)  # elsewhere a rate is a ratio of two guesses
             print(f"Avg. Rate over the families the upper bound answers far above chance ({', '.join(clear)}): "
                   f"{avg_rate(table['accuracy'], ub['accuracy'][clear]):.4f}")

@@ -175,6 +175,48 @@ def avg_rate(acc: pd.Series, upper_bound: pd.Series) -> float:
     return float(np.mean([acc[f] / upper_bound[f] for f in common])) if common else float("nan")
 
 
+def avg_rate_interval(records: pd.DataFrame, upper_bound: pd.DataFrame, families: list[str] | None = None, *,
+                      level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap interval of :func:`avg_rate` over the test questions.
+
+    Both models answer the same questions, so each replicate redraws question ids (with replacement,
+    within each family, keeping the family sizes) and scores *both* models on the redrawn ids: the
+    interval reflects which questions happen to be in the test set, the noise that separates two
+    runs of the same model on different test sets. ``families`` restricts the rate (default: all
+    families both record sets have). Returns the ``(low, high)`` percentile interval at ``level``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    ours = records.set_index("index")
+    ub = upper_bound.set_index("index")
+    fams = [f for f in FAMILIES if f in set(ours["family"]) and f in set(ub["family"])]
+    if families is not None:
+        fams = [f for f in fams if f in families]
+    if not fams:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    rates = []
+    for f in fams:
+        ids = ub.index[ub["family"] == f]
+        missing = ids.difference(ours.index)
+        if len(missing):
+            raise ValueError(f"records lack {len(missing)} of the upper bound's {f!r} questions (e.g. index "
+                             f"{missing[0]}): both must be evaluated on the same test set")
+        a = ours.loc[ids, "correct"].to_numpy(dtype=float)
+        b = ub.loc[ids, "correct"].to_numpy(dtype=float)
+        draw = rng.integers(0, len(ids), size=(n_boot, len(ids)))  # (n_boot, n_f) resampled question ids
+        acc_a, acc_b = a[draw].mean(1), b[draw].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rates.append(np.where(acc_b > 0, acc_a / acc_b, np.nan))  # undefined where the upper bound scores 0
+    with np.errstate(all="ignore"):
+        per_replicate = np.nanmean(np.stack(rates), axis=0)  # (n_boot,) Avg. Rate of each replicate
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(per_replicate, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def token_summary(kept: np.ndarray, grid: int) -> dict[str, float]:
     n0 = grid * grid
     mean = float(kept.mean())

@@ -21,7 +21,15 @@ import pandas as pd
 
 from . import runs
 from .cache import load_or_build
-from .evaluate import EvalResult, accuracy_by_family, avg_rate, complexity_correlation, evaluate, token_summary
+from .evaluate import (
+    EvalResult,
+    accuracy_by_family,
+    avg_rate,
+    avg_rate_interval,
+    complexity_correlation,
+    evaluate,
+    token_summary,
+)
 
 PAPER_TARGET_RATIO = 130.0 / 144.0  # N_target 130 -> 144 tokens (supplementary Table 6, main row)
 
@@ -157,6 +165,9 @@ def summary_row(name: str, res: EvalResult, ub: EvalResult, info: runs.RunInfo |
         "avg_rate_above_chance": avg_rate(acc, ub_acc[families_above_chance(ub)]),
         "accuracy": float(res.records["correct"].mean()),
     }
+    # 95% paired-bootstrap interval over the test questions: how far another test set of the same size
+    # could move the rate (decides whether a gap to a target such as 95% is more than noise).
+    row["avg_rate_ci_low"], row["avg_rate_ci_high"] = avg_rate_interval(res.records, ub.records)
     row.update({f"acc_{f}": float(a) for f, a in acc.items()})
     if info is not None:
         row["train_wall_time_s"] = info.wall_time_s
