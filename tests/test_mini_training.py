@@ -372,3 +372,30 @@ def test_keep_all_control_is_the_main_run_with_every_token_kept():
     assert control.fixed_keep == (setup.grid ** 2,) * len(main.module_layers)
     assert control.replace(fixed_keep=None) == main
     assert setup.train_config(VARIANTS["trainable_keep_all"]) == setup.train_config(VARIANTS["trainable_144"])
+
+
+def test_grid_step_costs_time_every_stage_and_predict_from_the_config_step_counts():
+    from atp_repro.mini.grid_cost import grid_step_costs
+    from atp_repro.mini.pretrain import PretrainConfig
+    from atp_repro.mini.runs import MiniWorldConfig
+    from atp_repro.mini.train import TrainConfig
+
+    world = MiniWorldConfig(pretrain=PretrainConfig(steps=40, batch_size=2),
+                            train=TrainConfig(trainable="lm", steps=30, batch_size=2, n_train=60),
+                            ub_turns=2, n_test=90)
+    costs = grid_step_costs(world, grids=(6, 12), repeats=1, eval_questions=2)
+    assert list(costs["grid"]) == [6, 12] and list(costs["vision_tokens"]) == [36, 144]
+    for s in costs.itertuples():
+        assert s.tower_step_s > 0 and s.ub_step_s > 0 and s.eval_question_s > 0
+        assert s.tower_min == pytest.approx(s.tower_step_s * 40 / 60)
+        assert s.ub_min == pytest.approx(s.ub_step_s * 30 / 60)
+        assert s.eval_min == pytest.approx(s.eval_question_s * 90 / 60)
+
+
+def test_grid_world_rejects_a_grid_that_does_not_divide_the_canvas():
+    from atp_repro.mini.grid_cost import grid_world
+    from atp_repro.mini.runs import MiniWorldConfig
+
+    assert grid_world(MiniWorldConfig(), 24).model.patch_size == 4
+    with pytest.raises(ValueError, match=r"grid must divide the 96 px canvas.*got 10"):
+        grid_world(MiniWorldConfig(), 10)
