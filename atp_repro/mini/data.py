@@ -134,7 +134,6 @@ class MiniVQA(torch.utils.data.Dataset):
         scene_cfg: SceneConfig = DEFAULT_SCENE,
         offset: int = 0,
         turns: int = 1,
-        question_first: bool = False,
         simple_fraction: float = 0.0,
     ) -> None:
         if n <= 0:
@@ -144,7 +143,6 @@ class MiniVQA(torch.utils.data.Dataset):
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
         self.split, self.n, self.offset, self.turns = split, n, offset, turns
-        self.question_first = question_first
         self.simple_fraction = simple_fraction  # multi-turn (training) conversations only
         self.tokenizer, self.n_image_tokens = tokenizer, n_image_tokens
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
@@ -163,7 +161,6 @@ class MiniVQA(torch.utils.data.Dataset):
         tok = self.tokenizer
         prompt = (
             self._prefix
-            + (encode_words(tok, s.question.question) if self.question_first else [])
             + [tok.image_token_id] * self.n_image_tokens
             + encode_words(tok, s.question.question)
             + self._assistant
