@@ -20,6 +20,7 @@ import torch
 from atp_repro.mini import cache
 from atp_repro.mini.evaluate import (
     accuracy_by_family,
+    accuracy_by_objects,
     avg_rate,
     blind_chance,
     evaluate,
@@ -284,6 +285,24 @@ def test_pope_metrics_pair_positives_with_each_negative_setting():
     blind = pope_metrics(rec.assign(prediction="yes")).set_index("setting")
     assert (blind.yes_gap == 0).all() and (blind.yes_ratio == 1).all()
     assert pope_metrics(rec[rec.family == "text"]).empty
+
+
+def test_accuracy_by_objects_splits_each_family_by_scene_size():
+    # existence: a 1-object scene (right) and two 4-object scenes (one right); spatial: a 2-object scene (wrong).
+    rec = pd.DataFrame({"family": ["existence"] * 3 + ["spatial"], "n_objects": [1, 4, 5, 2],
+                        "question": ["is there a red circle ?"] * 3 + ["where ?"],
+                        "answer": ["yes", "no", "no", "left"], "correct": [True, True, False, False],
+                        "mean_tokens": [10.0, 30.0, 50.0, 20.0]})
+    t = accuracy_by_objects(rec).set_index(["family", "objects"])
+    assert list(t.index) == [("existence", "1"), ("existence", "4-5"), ("spatial", "2-3")]  # empty cells left out
+    assert t.loc[("existence", "4-5")].tolist() == pytest.approx([2, 0.5, 1.0, 40.0])  # blind prior: always "no"
+    assert t.loc[("spatial", "2-3"), "accuracy"] == 0.0
+    coarse = accuracy_by_objects(rec, buckets=((0, 3), (4, 10)))
+    assert coarse["n"].tolist() == [1, 2, 1] and coarse["objects"].tolist() == ["0-3", "4-10", "0-3"]
+    with pytest.raises(ValueError, match=r"do not cover n_objects \[4, 5\]"):
+        accuracy_by_objects(rec, buckets=((1, 3),))
+    with pytest.raises(ValueError, match="buckets must be increasing"):
+        accuracy_by_objects(rec, buckets=((2, 3), (1, 1)))
 
 
 def test_above_chance_needs_every_family_clear_of_its_prior():

@@ -138,6 +138,49 @@ def accuracy_by_family(records: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+# Scene sizes (number of objects) for per-complexity breakdowns: one object (nothing to search),
+# a few, several, crowded. SceneConfig allows at most 10 objects.
+OBJECT_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 3), (4, 5), (6, 10))
+
+
+def _bucket_label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def accuracy_by_objects(records: pd.DataFrame,
+                        buckets: tuple[tuple[int, int], ...] = OBJECT_BUCKETS) -> pd.DataFrame:
+    """Accuracy, image-blind chance and mean kept vision tokens per family and scene size.
+
+    ``buckets`` are inclusive ``(low, high)`` object counts, in increasing, non-overlapping order;
+    every record's ``n_objects`` must fall in one. Empty (family, bucket) cells are left out.
+    ``chance`` is :func:`blind_chance` fitted on the cell itself, so on small cells it is an
+    optimistic prior. Returns ``family, objects, n, accuracy, chance, mean_tokens`` (tokens in grid
+    units, averaged over decoder layers and the cell's samples).
+    """
+    if not buckets:
+        raise ValueError("buckets must hold at least one (low, high) pair, got ()")
+    for (lo, hi), nxt in zip(buckets, list(buckets[1:]) + [None]):
+        if not 0 <= lo <= hi or (nxt is not None and nxt[0] <= hi):
+            raise ValueError(f"buckets must be increasing, non-overlapping (low, high) pairs with 0 <= low <= high, "
+                             f"got {buckets}")
+    label = pd.Series(None, index=records.index, dtype=object)
+    for lo, hi in buckets:
+        label[records["n_objects"].between(lo, hi)] = _bucket_label(lo, hi)
+    if label.isna().any():
+        odd = sorted(set(records.loc[label.isna(), "n_objects"]))
+        raise ValueError(f"buckets {buckets} do not cover n_objects {odd}")
+    rows = []
+    for family in [f for f in FAMILIES if f in set(records["family"])]:
+        for lo, hi in buckets:
+            cell = records[(records["family"] == family) & (label == _bucket_label(lo, hi))]
+            if cell.empty:
+                continue
+            rows.append({"family": family, "objects": _bucket_label(lo, hi), "n": len(cell),
+                         "accuracy": float(cell["correct"].mean()), "chance": float(blind_chance(cell).iloc[0]),
+                         "mean_tokens": float(cell["mean_tokens"].mean())})
+    return pd.DataFrame(rows, columns=["family", "objects", "n", "accuracy", "chance", "mean_tokens"])
+
+
 def pope_metrics(records: pd.DataFrame) -> pd.DataFrame:
     """POPE's metrics on the existence family, one row per negative-sampling setting.
 
