@@ -8,8 +8,8 @@ import torch
 
 from atp_repro.mini.data import IGNORE_INDEX, Collator, MiniVQA, make_sample
 from atp_repro.mini.model import MiniModelConfig, build_model
-from atp_repro.mini.questions import FAMILIES, answer_space, make_question, relation, vocabulary
-from atp_repro.mini.scenes import SceneConfig, SceneObject, busy_patch_fraction, generate_scene
+from atp_repro.mini.questions import FAMILIES, Unanswerable, answer_space, make_question, relation, vocabulary
+from atp_repro.mini.scenes import SHAPE_PLURALS, SceneConfig, SceneObject, busy_patch_fraction, generate_scene
 from atp_repro.mini.tokenizer import build_tokenizer, decode_answer, encode_words
 
 TINY = MiniModelConfig(vision_hidden=32, vision_layers=2, vision_ffn=64, lm_hidden=32, lm_ffn=64,
@@ -79,8 +79,26 @@ def test_questions_are_correct_on_a_known_scene():
     assert q.answer.replace(" ", "") == s.text.text
     for _ in range(20):
         q = make_question("existence", s, rng)
-        colour, shape = q.question.split()[3:5]
-        assert (q.answer == "yes") == any(o.colour == colour and o.shape == shape for o in s.objects)
+        shape = q.question.split()[3]  # are there any <shapes> ?
+        assert (q.answer == "yes") == any(SHAPE_PLURALS[o.shape] == shape for o in s.objects)
+        assert q.subtype == ("positive" if q.answer == "yes" else "random")
+
+
+def test_spatial_questions_place_a_unique_shape_relative_to_the_centre():
+    asked = 0
+    for i in range(40):
+        s = generate_scene(np.random.default_rng(i), min_objects=2)
+        try:
+            q = make_question("spatial", s, np.random.default_rng(100 + i))
+        except Unanswerable:
+            continue
+        asked += 1
+        words = q.question.split()  # where is the <shape> relative to the centre ?
+        (a,) = [o for o in s.objects if o.shape == words[3]]  # named by its shape, which is unique
+        dx, dy = a.x - s.image.shape[0] / 2, a.y - s.image.shape[0] / 2
+        expected = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+        assert words[7] == "centre" and q.answer == expected
+    assert asked >= 20
 
 
 def test_relation_is_unambiguous():
@@ -249,6 +267,23 @@ def test_conversations_ask_distinct_questions_and_mix_simple_scenes():
         make_conversation(0, "train", 0, 6, simple_fraction=1.5)
 
 
+def test_family_weights_set_the_question_mix_of_conversations():
+    from collections import Counter
+
+    from atp_repro.mini.data import make_conversation
+
+    weights = (("counting", 1), ("attribute", 1), ("existence", 4), ("spatial", 1), ("text", 1), ("scene", 1))
+    plain, weighted = Counter(), Counter()
+    for index in range(60):
+        plain.update(q.family for q in make_conversation(0, "train", index, 6)[1])
+        weighted.update(q.family for q in make_conversation(0, "train", index, 6, family_weights=weights)[1])
+    assert sum(weighted.values()) == sum(plain.values())  # the same number of turns, another mix
+    assert weighted["existence"] > 1.5 * plain["existence"]
+    for bad in (weights[:-1], weights[:-1] + (("scene", 0),), weights[:-1] + (("ocr", 1),)):
+        with pytest.raises(ValueError, match="family_weights"):
+            make_conversation(0, "train", 0, 6, family_weights=bad)
+
+
 def test_world_config_errors_name_the_parameter():
     from atp_repro.mini.runs import MiniWorldConfig
 
@@ -256,6 +291,8 @@ def test_world_config_errors_name_the_parameter():
         MiniWorldConfig(ub_simple_fraction=1.5)
     with pytest.raises(ValueError, match="ub_turns"):
         MiniWorldConfig(ub_turns=0)
+    with pytest.raises(ValueError, match="ub_family_weights"):
+        MiniWorldConfig(ub_family_weights=(("counting", 2),))
 
 
 def test_notebook_defaults_are_the_library_defaults():

@@ -76,13 +76,27 @@ def make_sample(world_seed: int, split: str, index: int, scene_cfg: SceneConfig 
 SIMPLE_SCENE_MAX_OBJECTS = 3
 
 
+FamilyWeights = tuple[tuple[str, int], ...]  # ((family, questions per round), ...)
+
+
+def check_family_weights(family_weights: FamilyWeights, name: str = "family_weights") -> None:
+    """Raise a ValueError naming ``name`` unless every family has a whole weight >= 1."""
+    families = [f for f, _ in family_weights]
+    if sorted(families) != sorted(FAMILIES) or any(not isinstance(w, int) or w < 1 for _, w in family_weights):
+        raise ValueError(f"{name} must give each family of {FAMILIES} once with an integer weight >= 1, "
+                         f"got {family_weights!r}")
+
+
 def make_conversation(world_seed: int, split: str, index: int, turns: int,
                       scene_cfg: SceneConfig = DEFAULT_SCENE,
-                      simple_fraction: float = 0.0) -> tuple[Scene, list[Question]]:
+                      simple_fraction: float = 0.0,
+                      family_weights: FamilyWeights | None = None) -> tuple[Scene, list[Question]]:
     """A scene and up to ``turns`` distinct questions about it.
 
     Questions come in rounds of one per answerable family (shuffled within each round), so that
     ``turns <= 6`` asks each family at most once and larger values ask several questions per family.
+    ``family_weights`` asks family ``f`` that many times per round instead of once (a data mixture,
+    as LLaVA-665k mixes its sources in chosen proportions).
     With probability ``simple_fraction`` the scene has at most ``SIMPLE_SCENE_MAX_OBJECTS`` objects:
     finding the one object a question names among few is how a decoder trained from scratch first
     learns where to look, which it then needs in cluttered scenes.
@@ -91,6 +105,9 @@ def make_conversation(world_seed: int, split: str, index: int, turns: int,
         raise ValueError(f"split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
     if not 0.0 <= simple_fraction <= 1.0:
         raise ValueError(f"simple_fraction must be in [0, 1], got {simple_fraction}")
+    if family_weights is not None:
+        check_family_weights(family_weights)
+    pool = list(FAMILIES) if family_weights is None else [f for f, w in family_weights for _ in range(w)]
     rng = np.random.default_rng([world_seed, SPLIT_SEEDS[split], index, turns])
     if simple_fraction > 0 and rng.random() < simple_fraction:
         scene_cfg = dataclasses.replace(scene_cfg, max_objects=min(scene_cfg.max_objects, SIMPLE_SCENE_MAX_OBJECTS),
@@ -98,10 +115,10 @@ def make_conversation(world_seed: int, split: str, index: int, turns: int,
     scene = generate_scene(rng, scene_cfg)
     questions: list[Question] = []
     asked: set[str] = set()
-    for _ in range(-(-turns // len(FAMILIES)) + 2):  # a few spare rounds for repeats and unanswerables
-        for family in rng.permutation(len(FAMILIES)):
+    for _ in range(-(-turns // len(pool)) + 2):  # a few spare rounds for repeats and unanswerables
+        for family in rng.permutation(len(pool)):
             try:
-                q = make_question(FAMILIES[int(family)], scene, rng)
+                q = make_question(pool[int(family)], scene, rng)
             except Unanswerable:
                 continue
             if q.question in asked:
@@ -135,6 +152,7 @@ class MiniVQA(torch.utils.data.Dataset):
         offset: int = 0,
         turns: int = 1,
         simple_fraction: float = 0.0,
+        family_weights: FamilyWeights | None = None,
     ) -> None:
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
@@ -144,6 +162,7 @@ class MiniVQA(torch.utils.data.Dataset):
             raise ValueError(f"turns must be >= 1, got {turns}")
         self.split, self.n, self.offset, self.turns = split, n, offset, turns
         self.simple_fraction = simple_fraction  # multi-turn (training) conversations only
+        self.family_weights = family_weights  # likewise
         self.tokenizer, self.n_image_tokens = tokenizer, n_image_tokens
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
@@ -204,7 +223,7 @@ class MiniVQA(torch.utils.data.Dataset):
             if not 0 <= i < self.n:
                 raise IndexError(f"index {i} out of range for {self.n} samples")
             scene, qs = make_conversation(self.world_seed, self.split, self.offset + i, self.turns, self.scene_cfg,
-                                          self.simple_fraction)
+                                          self.simple_fraction, self.family_weights)
             return self.encode_conversation(scene, qs, self.offset + i)
         return self.encode(self.sample(i))
 

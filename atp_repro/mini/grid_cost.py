@@ -88,8 +88,7 @@ def _grid_costs(w: MiniWorldConfig, tok, repeats: int, eval_questions: int) -> d
     model.train()
     tower_s = median_seconds(tower_step, repeats)
 
-    convs = w.dataset("train", n=w.train.batch_size, tokenizer=tok, turns=w.ub_turns,
-                      simple_fraction=w.ub_simple_fraction)
+    convs = w.dataset("train", n=w.train.batch_size, tokenizer=tok, turns=w.ub_turns)
     batch = Collator(tok.pad_token_id)([convs[i] for i in range(len(convs))])
     tower.requires_grad_(False)  # frozen in the upper bound's training, as in LLaVA-1.5 stage 2
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .cache import load_or_build, spec_hash
-from .data import SPLIT_SEEDS, MiniVQA, make_conversation, make_sample
+from .data import SPLIT_SEEDS, FamilyWeights, MiniVQA, check_family_weights, make_conversation, make_sample
 from .model import MiniModelConfig, build_model, count_parameters
 from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower, scene_targets
 from .scenes import SceneConfig
@@ -43,6 +43,11 @@ class MiniWorldConfig:
     ub_turns: int = 12
     # Share of upper-bound training images with at most 3 objects (few distractors to learn lookups).
     ub_simple_fraction: float = 0.5
+    # Questions per family in each round of an upper-bound conversation (12 = one round of ub_turns).
+    # Counting and existence ("how many circles ...", "are there any circles ?") are learnt last;
+    # text and scene are learnt within 300 steps from one question per image.
+    ub_family_weights: FamilyWeights = (("counting", 3), ("attribute", 2), ("existence", 3), ("spatial", 2),
+                                        ("text", 1), ("scene", 1))
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test", "ub_turns"):
@@ -50,6 +55,7 @@ class MiniWorldConfig:
                 raise ValueError(f"MiniWorldConfig.{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.ub_simple_fraction <= 1.0:
             raise ValueError(f"MiniWorldConfig.ub_simple_fraction must be in [0, 1], got {self.ub_simple_fraction}")
+        check_family_weights(self.ub_family_weights, "MiniWorldConfig.ub_family_weights")
         if self.model.image_size != self.scene.image_size:
             raise ValueError(
                 "MiniWorldConfig: model.image_size must equal scene.image_size, got "
@@ -63,12 +69,13 @@ class MiniWorldConfig:
     def grid(self) -> int:
         return self.model.grid
 
-    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1,
-                simple_fraction: float = 0.0) -> MiniVQA:
+    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
+        """Single-turn samples of ``split``, or (``turns > 1``) the upper bound's training conversations."""
         n = n or {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
+        conversation = {"simple_fraction": self.ub_simple_fraction,
+                        "family_weights": self.ub_family_weights} if turns > 1 else {}
         return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
-                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns,
-                       simple_fraction=simple_fraction)
+                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns, **conversation)
 
 
 @dataclass
@@ -134,7 +141,8 @@ def data_fingerprint(world: MiniWorldConfig, n: int = FINGERPRINT_SAMPLES) -> st
                 s = make_sample(world.world_seed, split, i, world.scene)
                 yield from (split, s.scene.image, s.question)
             scene, questions = make_conversation(world.world_seed, "train", i, world.ub_turns, world.scene,
-                                                 simple_fraction=world.ub_simple_fraction)
+                                                 simple_fraction=world.ub_simple_fraction,
+                                                 family_weights=world.ub_family_weights)
             yield scene.image
             yield from questions
 
@@ -175,6 +183,7 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "world_seed": world.world_seed,
         "ub_turns": world.ub_turns,
         "ub_simple_fraction": world.ub_simple_fraction,
+        "ub_family_weights": world.ub_family_weights,
         "vocab": build_tokenizer().get_vocab(),
         "data": data_fingerprint(world),
     }
@@ -207,8 +216,7 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
         model = build_model(world.model, tok)
         vision, vinfo = pretrained_vision(world, progress=progress)
         model.model.vision_tower.load_state_dict(vision)
-        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns,
-                           simple_fraction=world.ub_simple_fraction)
+        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
                     run_spec=spec, progress=progress)
         return _finish(folder, model, tok, res, {"vision_pretrain_wall_time_s": vinfo.wall_time_s,
