@@ -187,9 +187,8 @@ def pope_metrics(records: pd.DataFrame) -> pd.DataFrame:
     As in POPE, each setting pairs all positive questions with that setting's negatives (``random``:
     an object category absent from the scene, the mini world's only kind; ``adversarial``: POPE's
     co-occurring absent objects, scored when records have them; ``all``: every negative), "yes" is
-    the positive class, and ``yes_ratio`` is the
-    share of "yes" answers. A model that answers without looking at the image shows equal recall
-    and false-positive rate (``yes_gap`` = recall - FPR = 0).
+    the positive class, and ``yes_ratio`` is the share of "yes" answers. A model that answers
+    without looking at the image shows equal recall and false-positive rate (``yes_gap`` = 0).
     Returns ``setting, n, accuracy, precision, recall, f1, yes_ratio, fpr, yes_gap``.
     """
     ex = records[records["family"] == "existence"]

@@ -91,10 +91,6 @@ class SceneObject:
     y: float
     radius: float
 
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
-
 
 @dataclass(frozen=True)
 class TextLabel:
