@@ -20,6 +20,22 @@ PIP_ARGS    ?=
 JOBS        ?= 1
 PYTEST_ARGS ?=
 
+# CPU numerics (atp_repro/numerics.py): pinned to AVX2 code paths so that every x86-64 machine with
+# AVX2 computes the same bits; `make reproduce FAST=1` lets torch use the widest path it finds
+# (faster on AVX512 machines, results then differ in the last bits and, after training, more).
+FAST ?= 0
+ifeq ($(FAST),1)
+export ATP_REPRO_NUMERICS := native
+else
+export ATP_REPRO_NUMERICS := pinned
+export ATEN_CPU_CAPABILITY := avx2
+export ONEDNN_MAX_CPU_ISA := AVX2
+export MKL_CBWR := AVX2,STRICT
+export MKL_DYNAMIC := FALSE
+export OMP_NUM_THREADS := 2
+export MKL_NUM_THREADS := 2
+endif
+
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.atp-repro-installed
 SMOKE  := build/notebooks/smoke
@@ -31,7 +47,7 @@ help: ## list the targets
 	@echo "atp-repro make targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC=$(TORCH_SPEC) JOBS=$(JOBS)"
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC=$(TORCH_SPEC) JOBS=$(JOBS) FAST=$(FAST)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "atp-repro needs Python >= 3.10, found " + sys.version.split()[0] + " (set PYTHON=...)")'

@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports torch: pinned CPU numerics for this process and every notebook kernel
+    # or training process it starts (atp_repro.numerics; ATP_REPRO_NUMERICS=native opts out).
+    from atp_repro import numerics
+
+    try:
+        numerics.apply()
+    except ValueError as err:
+        print(f"atp-repro: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -227,16 +227,36 @@ class Claim:
     claim: str
     holds: bool | None
     evidence: str = ""
+    inconclusive: bool = False  # the interval behind the claim straddles its threshold (holds is None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.claim, str) or not self.claim.strip():
             raise ValueError("Claim.claim must be a non-empty string")
         if self.holds is not None and not isinstance(self.holds, bool):
             raise ValueError(f"Claim.holds must be True, False or None, got {self.holds!r}")
+        if self.inconclusive and self.holds is not None:
+            raise ValueError("an inconclusive Claim has holds=None")
 
     @property
     def verdict(self) -> str:
+        if self.inconclusive:
+            return "inconclusive"
         return {True: "holds", False: "does not hold", None: "not checked"}[self.holds]
+
+    @classmethod
+    def from_interval(cls, claim: str, low: float, high: float, threshold: float = 0.0, evidence: str = "") -> Claim:
+        """A claim "the quantity exceeds ``threshold``" judged from an interval of that quantity.
+
+        Holds when the whole interval lies above the threshold, does not hold when it lies at or below
+        it, and is inconclusive when the interval straddles it (or is undefined).
+        """
+        if math.isnan(low) or math.isnan(high):
+            return cls(claim, None, evidence, inconclusive=True)
+        if low > threshold:
+            return cls(claim, True, evidence)
+        if high <= threshold:
+            return cls(claim, False, evidence)
+        return cls(claim, None, evidence, inconclusive=True)
 
 
 def claims_frame(claims: Iterable[Claim]) -> pd.DataFrame:

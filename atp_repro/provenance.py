@@ -119,6 +119,9 @@ def device_info() -> dict[str, Any]:
         info["device"] = "cpu"
         return info
     info["torch_threads"] = torch.get_num_threads()
+    from . import numerics
+
+    info["numerics"] = numerics.state()
     if torch.cuda.is_available():
         info["device"] = "cuda"
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -280,6 +280,10 @@ class ATPSection:
     position_encoding: Literal["original", "rope2d", "learned2d"] = _field(
         "pruning positional encoding (SPEC §3.8); 'original' for a frozen LM"
     )
+    init_calibration: Literal["none", "target"] = _field(
+        "initial thresholds: 'none' keeps almost every token at step 0; 'target' calibrates them on "
+        "a batch so that step 0 keeps N_target"
+    )
 
     def __post_init__(self) -> None:
         _validate_fields(self)

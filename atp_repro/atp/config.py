@@ -22,6 +22,7 @@ PAPER_NUM_LAYERS = 32
 SCORE_NORMALISATIONS = ("minmax", "max")
 POSITION_ENCODINGS = ("original", "rope2d", "learned2d")
 SCORING_BACKENDS = ("auto", "eager", "fast")
+INIT_CALIBRATIONS = ("none", "target")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -61,6 +62,10 @@ class ATPConfig:
         init_keep_threshold: initial theta_r, low so that almost all tokens survive at step 0.
         init_spatial_threshold: initial theta_s, high so that spatial keeps start near zero.
         log_mask_eps: eps in the additive attention log-mask log(D + eps).
+        init_calibration: how a fine-tune starts its thresholds: ``none`` at ``init_keep_threshold``
+            (almost every token kept), ``target`` calibrated on a batch of training samples so that
+            step 0 already keeps N_target on average (:func:`atp_repro.atp.calibration.calibrate_thresholds`;
+            the training loop applies it, :func:`apply_atp` does not) (choice).
     """
 
     module_layers: tuple[int, ...] = PAPER_MODULE_LAYERS
@@ -81,6 +86,7 @@ class ATPConfig:
     init_keep_threshold: float = 0.01
     init_spatial_threshold: float = 0.995
     log_mask_eps: float = 1e-6
+    init_calibration: str = "none"
 
     def __post_init__(self) -> None:
         # Normalise sequences given as lists (e.g. from YAML / JSON) to tuples.
@@ -130,6 +136,8 @@ class ATPConfig:
         for name in ("init_keep_threshold", "init_spatial_threshold"):
             if not 0 < getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "a float in (0, 1)")
+        if self.init_calibration not in INIT_CALIBRATIONS:
+            _fail("init_calibration", self.init_calibration, f"one of {INIT_CALIBRATIONS}")
         if not 0 < self.log_mask_eps < 1:
             _fail("log_mask_eps", self.log_mask_eps, "a float in (0, 1)")
 

@@ -40,6 +40,33 @@ def combine_keep(redundancy_keep: torch.Tensor, spatial_keep: torch.Tensor) -> t
     return torch.maximum(redundancy_keep, spatial_keep)
 
 
+def keep_mask(
+    redundancy: torch.Tensor,
+    spatial: torch.Tensor,
+    theta_r: torch.Tensor,
+    theta_s: torch.Tensor,
+    temperature: float,
+    ste_temperature: float | None = None,
+) -> torch.Tensor:
+    """The module's soft mask M = max(M_r, M_s), (B, L).
+
+    Without ``ste_temperature``: M_r and M_s are sigmoids at ``temperature`` and their max is
+    differentiated as it stands. With it (straight-through): the forward value is the same max at
+    ``temperature``; the gradient is that of the union of the two criteria at the softer
+    temperature, 1 - (1 - m_r)(1 - m_s) with m = sigmoid(ste_temperature (S - theta)). The union
+    (equal to the max on the sharp 0/1 masks) passes gradient to both thresholds at every token;
+    a max would route it to whichever criterion keeps the token, and theta_s, whose criterion keeps
+    almost nothing at initialisation, would never learn.
+    """
+    sharp = combine_keep(soft_keep(redundancy, theta_r, temperature), soft_keep(spatial, theta_s, temperature))
+    if ste_temperature is None:
+        return sharp
+    smooth_r = soft_keep(redundancy, theta_r, ste_temperature)
+    smooth_s = soft_keep(spatial, theta_s, ste_temperature)
+    smooth = 1 - (1 - smooth_r) * (1 - smooth_s)
+    return smooth + (sharp - smooth).detach()
+
+
 def hard_keep(
     redundancy: torch.Tensor,
     spatial: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import ATPConfig
-from .masks import combine_keep, hard_keep, soft_keep, top_k_keep
+from .masks import hard_keep, keep_mask, top_k_keep
 from .positions import LearnedGridEmbedding
 from .scores import modality_importances, normalise_scores, redundancy_score
 from .thresholds import ThresholdNetwork, num_threshold_features, threshold_features
@@ -92,10 +92,7 @@ class ATPModule(nn.Module):
             keep = hard_keep(redundancy, spatial, theta_r, theta_s, alive)
             mask = None
             if keep_value is not None:
-                mask = combine_keep(
-                    soft_keep(redundancy, theta_r, self.temperature, self.ste_temperature),
-                    soft_keep(spatial, theta_s, self.temperature, self.ste_temperature),
-                )
+                mask = keep_mask(redundancy, spatial, theta_r, theta_s, self.temperature, self.ste_temperature)
         new_keep_value = None
         if keep_value is not None:
             # D = D_prev * M accumulates on vision positions; text keeps D = 1.

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from .. import numerics
 from .cache import load_or_build, spec_hash
-from .data import SPLIT_SEEDS, FamilyWeights, MiniVQA, check_family_weights, make_conversation, make_sample
+from .data import SPLIT_SEEDS, Collator, FamilyWeights, MiniVQA, check_family_weights, make_conversation, make_sample
 from .model import MiniModelConfig, build_model, count_parameters
 from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower, scene_targets
 from .scenes import SceneConfig
@@ -153,7 +154,7 @@ def vision_spec(world: MiniWorldConfig) -> dict:
     # The pretraining targets define the tower: new targets give a new artifact.
     return {"kind": "vision_pretrain", "model": _asdict(world.model), "scene": _asdict(world.scene),
             "pretrain": _asdict(world.pretrain), "heads": HEADS, "global_heads": GLOBAL_HEADS, "loss": PRETRAIN_LOSS,
-            "world_seed": world.world_seed, "data": pretraining_fingerprint(world)}
+            "world_seed": world.world_seed, "data": pretraining_fingerprint(world), "numerics": numerics.cache_key()}
 
 
 def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple[dict, RunInfo]:
@@ -186,6 +187,7 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "ub_family_weights": world.ub_family_weights,
         "vocab": build_tokenizer().get_vocab(),
         "data": data_fingerprint(world),
+        "numerics": numerics.cache_key(),
     }
 
 
@@ -239,6 +241,28 @@ def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> di
     }
 
 
+CALIBRATION_SAMPLES = 64  # training samples the thresholds are calibrated on (init_calibration="target")
+
+
+def calibrate_at_target(model: torch.nn.Module, dataset: MiniVQA, atp_cfg: Any) -> dict | None:
+    """Calibrate the initial thresholds on the first training samples (if the config asks for it)."""
+    if atp_cfg.init_calibration != "target" or atp_cfg.fixed_keep is not None:
+        return None
+    from atp_repro.atp.calibration import calibrate_thresholds
+
+    batch = Collator(dataset.tokenizer.pad_token_id, mode="train")(
+        [dataset[i] for i in range(min(CALIBRATION_SAMPLES, len(dataset)))])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    return calibrate_thresholds(model, inputs)
+
+
+def mean_vision_tokens(model: torch.nn.Module) -> float:
+    """N_bar of the last forward: vision tokens averaged over decoder layers and samples (soft counts)."""
+    from atp_repro import token_counts
+
+    return float(token_counts(model).float().mean())
+
+
 def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True):
     """Insert ATP modules into the upper-bound model and fine-tune (``train_cfg.trainable``: lm or atp)."""
     from atp_repro import apply_atp, atp_parameters, budget_loss  # the core method
@@ -254,9 +278,11 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
             torch.manual_seed(train_cfg.seed)
             model = apply_atp(ub, atp_cfg)
         ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
+        calibration = calibrate_at_target(model, ds, atp_cfg)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
-                    extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress)
-        return _finish(folder, model, tok, res, {})
+                    extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
+                    track=mean_vision_tokens)
+        return _finish(folder, model, tok, res, {"calibration": calibration, "tokens_per_step": res.tracked})
 
     folder, manifest, status = load_or_build("atp", spec, build)
     model = apply_atp(build_model(world.model, tok), atp_cfg)

@@ -125,6 +125,7 @@ class TrainResult:
     wall_time_s: float  # summed over all (resumed) sessions, checkpoint I/O excluded
     losses: list[float]
     resumed_from: int
+    tracked: list[float] = dataclasses.field(default_factory=list)  # ``track(model)`` after each forward
 
 
 def _save_checkpoint(path: Path, state: dict, run_hash: str) -> None:
@@ -165,11 +166,14 @@ def train(
     atp_params: list[torch.nn.Parameter] | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    track: Callable[[torch.nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps, resuming from ``checkpoint_path`` if valid.
 
     ``extra_loss(model)`` is added to the LM loss after each forward (the ATP budget loss).
     ``on_step(step, loss)`` is called after each optimizer step (tests use it to interrupt).
+    ``track(model)`` is read after each forward (e.g. the batch's mean vision-token count) and kept,
+    like the losses, in checkpoints and the result.
     """
     if len(dataset) < cfg.n_train:
         raise ValueError(f"dataset has {len(dataset)} samples but TrainConfig.n_train={cfg.n_train}")
@@ -181,7 +185,7 @@ def train(
         opt, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_steps)
     )
     collate = Collator(dataset.tokenizer.pad_token_id, mode="train")
-    start, wall, losses = 0, 0.0, []
+    start, wall, losses, tracked = 0, 0.0, [], []
     state = _load_checkpoint(checkpoint_path, run_hash) if checkpoint_path else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -189,6 +193,7 @@ def train(
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, wall, losses = state["step"], state["wall_time_s"], state["losses"]
+        tracked = state.get("tracked", [])
     resumed_from = start
     model.train()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -204,6 +209,8 @@ def train(
                 labels=batch["labels"],
             )
             loss = out.loss + (extra_loss(model) if extra_loss is not None else 0.0)
+        if track is not None:
+            tracked.append(float(track(model)))
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
@@ -224,10 +231,11 @@ def train(
                 "torch_rng": torch.get_rng_state(),
                 "wall_time_s": wall,
                 "losses": losses,
+                "tracked": tracked,
             }
             _save_checkpoint(checkpoint_path, state, run_hash)
         if on_step is not None:
             on_step(done, losses[-1])
     bar.close()
     model.eval()
-    return TrainResult(steps=cfg.steps, wall_time_s=wall, losses=losses, resumed_from=resumed_from)
+    return TrainResult(steps=cfg.steps, wall_time_s=wall, losses=losses, resumed_from=resumed_from, tracked=tracked)

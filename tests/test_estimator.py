@@ -1,0 +1,88 @@
+"""The gradient estimator the real-scale config ships, and budget-calibrated initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atp_repro import ATPConfig, apply_atp, atp_parameters, budget_loss, proportional_module_layers
+from atp_repro.atp.calibration import calibrate_thresholds, mean_tokens, stage_targets, uniform_keep_ratio
+from atp_repro.atp.tiny import tiny_inputs, tiny_llava
+from atp_repro.training_config import REAL_CONFIG, load_training_config
+
+NUM_LAYERS, GRID = 8, 8
+
+
+def real_atp_config(**changes) -> ATPConfig:
+    """The real-scale config's ATP section on an 8-layer, 8x8 tiny model (same depth fractions)."""
+    kwargs = load_training_config(REAL_CONFIG).atp_kwargs()
+    kwargs["module_layers"] = proportional_module_layers(NUM_LAYERS)
+    kwargs["grid_strides"] = tuple(s for s in kwargs["grid_strides"] if s <= GRID)
+    kwargs["n_target"] = 10.0  # of 64: the budget pulls the counts down
+    kwargs.update(changes)
+    return ATPConfig(**kwargs)
+
+
+def thresholds_after_steps(config: ATPConfig, steps: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biases of every module's two heads before and after ``steps`` AdamW steps at the real ATP lr."""
+    torch.manual_seed(0)
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), config).train()
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    heads = [(m.threshold_net.redundancy_head.bias, m.threshold_net.spatial_head.bias)
+             for m in model.model.language_model.atp_modules]
+    before = torch.tensor([[r.item(), s.item()] for r, s in heads])
+    lr = load_training_config(REAL_CONFIG).training.lr_atp
+    opt = torch.optim.AdamW(atp_parameters(model), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = model(**inputs, labels=labels).loss + budget_loss(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = torch.tensor([[r.item(), s.item()] for r, s in heads])
+    return before, after
+
+
+def test_real_config_estimator_moves_both_thresholds_of_every_module():
+    before, after = thresholds_after_steps(real_atp_config())
+    moved = after - before
+    assert (moved != 0).all(), f"some threshold did not move: {moved}"
+    # Above the budget, the loss asks for fewer tokens: theta_r (and theta_s) rise.
+    assert (moved[:, 0] > 0).all(), moved
+
+
+def test_the_papers_plain_sigmoid_gives_the_thresholds_no_gradient():
+    # The reason the real config does not ship the paper's plain estimator (this test fails if it moved).
+    before, after = thresholds_after_steps(real_atp_config(ste_temperature=None))
+    assert torch.equal(before, after)
+
+
+def test_uniform_keep_ratio_solves_the_layer_average():
+    layers = (0, 3, 5)
+    r = uniform_keep_ratio(32.5, 144, layers, 8)
+    assert mean_tokens(r, 144, layers, 8) == pytest.approx(32.5, abs=1e-6)
+    assert stage_targets(32.5, 144, layers, 8)[0] == pytest.approx(144 * r)
+    # A smaller budget needs a smaller ratio; the first layer's full 144 tokens bound it from below.
+    assert uniform_keep_ratio(20.0, 144, layers, 8) < r
+    with pytest.raises(ValueError, match="n_target=17 is unreachable"):
+        uniform_keep_ratio(17.0, 144, layers, 8)
+
+
+@pytest.mark.parametrize("n_target", [14.0, 24.0])
+def test_calibration_starts_at_the_budget(n_target):
+    config = real_atp_config(n_target=n_target)
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), config)
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4, 2, 5), prompt_lengths=(6, 5, 7, 4), seed=1)
+    report = calibrate_thresholds(model, inputs)
+    targets = stage_targets(n_target, GRID * GRID, config.module_layers, NUM_LAYERS)
+    assert report["target"] == pytest.approx(targets)
+    # Each stage's batch-mean count is within one token of its target, so N_bar is near n_target.
+    assert report["kept"] == pytest.approx(targets, abs=1.0)
+    assert mean_tokens(1.0, 1.0, config.module_layers, NUM_LAYERS) == 1.0
+    with torch.no_grad():
+        model.eval()
+        model(**inputs)
+    from atp_repro import token_counts
+
+    assert float(token_counts(model).float().mean()) == pytest.approx(n_target, abs=1.5)
