@@ -41,7 +41,7 @@ STAMP  := $(VENV)/.atp-repro-installed
 SMOKE  := build/notebooks/smoke
 NBVAL  := --nbval-lax --nbval-current-env -p no:cacheprovider
 
-.PHONY: help venv reproduce test test-all test-unit smoke nbval lab lint format clean distclean
+.PHONY: help venv reproduce verify test test-all test-unit smoke nbval lab lint format clean distclean
 
 help: ## list the targets
 	@echo "atp-repro make targets:"
@@ -59,6 +59,9 @@ venv: $(STAMP) ## create/update the virtual environment (.venv)
 
 reproduce: $(STAMP) ## run every notebook with the committed mini-world defaults; writes tables/ and figures/
 	$(VPY) -m atp_repro reproduce --jobs $(JOBS)
+
+verify: $(STAMP) ## compare tables/ with the committed manifest of reproducible results (after make reproduce)
+	$(VPY) -m atp_repro verify
 
 test: $(STAMP) ## fast unit tests, then all notebooks on smoke parameters, then nbval
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS) tests

@@ -260,3 +260,28 @@ def _info(parser: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+@subcommand("verify", help="compare tables/ with the committed manifest of reproducible results")
+def _verify(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("--update", action="store_true",
+                        help="rewrite tables/MANIFEST.json from the files on disk instead of checking")
+    parser.add_argument("--root", default=None, help="repository root to check (default: this checkout)")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import verify
+
+        root = Path(args.root).resolve() if args.root else None
+        if args.update:
+            print(f"wrote {verify.write_manifest(root)}")
+            return 0
+        differences = verify.verify(root)
+        for d in differences:
+            print(d)
+        if differences:
+            print(f"verify: {len(differences)} difference(s) from the committed results", file=sys.stderr)
+            return 1
+        print("verify: every result file matches the committed manifest (timings excluded)")
+        return 0
+
+    return run

@@ -1,0 +1,71 @@
+"""atp-repro verify: the manifest of reproducible results catches a changed number, not a timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from atp_repro import verify
+from atp_repro.cli import main
+
+LONG = """row,column,unit,scale,paper,this_run,delta,match
+"Trainable LM, 144 tokens",Token,tokens,mini,144,150.25,6.25,false
+"Trainable LM, 144 tokens",Training Wall-time,s,mini,13089,74.2,,
+"""
+WIDE = "run,tokens,avg_rate,train_wall_time_s\ntrainable_144,37.5,0.9612,71.3\n"
+CLAIMS = """claim,holds,verdict,evidence
+The 144 goal keeps more tokens than the 88 goal,true,holds,150 vs 90
+Frozen-LM training is cheaper than trainable-LM training (wall-time),true,holds,52 s vs 65 s
+"""
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "t4.csv").write_text(LONG)
+    (tables / "t6.csv").write_text(WIDE)
+    (tables / "t4.claims.csv").write_text(CLAIMS)
+    (tables / "supp_table3_flash_attention_timing.runs.csv").write_text("run,seconds\na,1.0\n")
+    verify.write_manifest(tmp_path)
+    return tmp_path
+
+
+def test_unchanged_results_verify(root):
+    assert verify.verify(root) == []
+    assert main(["verify", "--root", str(root)]) == 0
+
+
+def test_timings_may_change(root):
+    t = root / "tables"
+    (t / "t4.csv").write_text(LONG.replace("74.2", "99.9"))
+    (t / "t6.csv").write_text(WIDE.replace("71.3", "12.0"))
+    (t / "t4.claims.csv").write_text(CLAIMS.replace("52 s vs 65 s", "80 s vs 65 s").replace(
+        "wall-time),true,holds", "wall-time),false,does not hold"))
+    (t / "supp_table3_flash_attention_timing.runs.csv").write_text("run,seconds\na,2.0\n")
+    assert verify.verify(root) == []
+
+
+def test_a_changed_number_is_reported_with_both_values(root, capsys):
+    (root / "tables" / "t4.csv").write_text(LONG.replace("150.25", "150.26"))
+    (root / "tables" / "t4.claims.csv").write_text(CLAIMS.replace("true,holds,150 vs 90", "false,does not hold,150 vs 90"))
+    found = verify.verify(root)
+    text = "\n".join(map(str, found))
+    assert "t4.csv" in text and "'150.25'" in text and "'150.26'" in text and "Token" in text
+    assert "t4.claims.csv" in text and "does not hold" in text
+    assert main(["verify", "--root", str(root)]) == 1
+    assert "150.26" in capsys.readouterr().out
+
+
+def test_missing_and_unlisted_files_are_reported(root):
+    (root / "tables" / "t6.csv").unlink()
+    (root / "tables" / "new.csv").write_text("a\n1\n")
+    found = {(d.file, d.now) for d in verify.verify(root)}
+    assert ("tables/t6.csv", "missing") in found and ("tables/new.csv", "present") in found
+
+
+def test_without_a_manifest_verify_says_how_to_make_one(tmp_path):
+    (tmp_path / "tables").mkdir()
+    with pytest.raises(FileNotFoundError, match="verify --update"):
+        verify.verify(tmp_path)
