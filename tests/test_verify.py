@@ -49,7 +49,8 @@ def test_timings_may_change(root):
 
 def test_a_changed_number_is_reported_with_both_values(root, capsys):
     (root / "tables" / "t4.csv").write_text(LONG.replace("150.25", "150.26"))
-    (root / "tables" / "t4.claims.csv").write_text(CLAIMS.replace("true,holds,150 vs 90", "false,does not hold,150 vs 90"))
+    flipped = CLAIMS.replace("true,holds,150 vs 90", "false,does not hold,150 vs 90")
+    (root / "tables" / "t4.claims.csv").write_text(flipped)
     found = verify.verify(root)
     text = "\n".join(map(str, found))
     assert "t4.csv" in text and "'150.25'" in text and "'150.26'" in text and "Token" in text
