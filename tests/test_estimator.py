@@ -86,3 +86,36 @@ def test_calibration_starts_at_the_budget(n_target):
     from atp_repro import token_counts
 
     assert float(token_counts(model).float().mean()) == pytest.approx(n_target, abs=1.5)
+
+
+def ntp_threshold_gradient(eps: float) -> torch.Tensor:
+    """Gradient of the language-modelling loss alone w.r.t. every redundancy-head bias."""
+    config = real_atp_config(log_mask_eps=eps)
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID, attn_implementation="eager"), config).train()
+    for module in model.model.language_model.atp_modules:  # prune about half of every module's input
+        module.threshold_net.redundancy_head.bias.data.fill_(0.0)
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    loss = model(**inputs, labels=labels).loss
+    biases = [m.threshold_net.redundancy_head.bias for m in model.model.language_model.atp_modules]
+    return torch.cat(torch.autograd.grad(loss, biases))
+
+
+def test_straight_through_gradient_does_not_scale_with_one_over_eps():
+    # Differentiating log(D + eps) at a pruned token (D = 0) would multiply its gradient by 1 / eps;
+    # the log-space surrogate keeps the thresholds' gradient of the same size for any small eps.
+    small, large = ntp_threshold_gradient(1e-6), ntp_threshold_gradient(1e-4)
+    assert small.abs().max() > 0
+    assert small.abs().max() < 2 * large.abs().max(), (small, large)
+
+
+def test_budget_gradient_reaches_the_thresholds_not_the_scores():
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config()).train()
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
+    model(**inputs)
+    budget_loss(model).backward()
+    lm = model.model.language_model
+    assert float(lm.atp_modules[0].threshold_net.redundancy_head.bias.grad.abs()) > 0
+    # The language model cannot lower the budget by reshaping its attention scores.
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in lm.layers.parameters())

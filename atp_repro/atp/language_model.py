@@ -180,6 +180,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             f"('eager' or 'sdpa'); the model uses {model.config._attn_implementation!r}"
         )
     keep_value = torch.ones(batch, length, device=device) if soft else None
+    keep_surrogate = None  # straight-through only: the smooth keep values the attention bias differentiates
     use_eager = resolve_scoring_backend(cfg.scoring_backend, model.config._attn_implementation)
     spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).to(device)
     module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
@@ -214,7 +215,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
         with clock.region("decide_and_compact"):
             spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
             decision = module.decide(request.column_sums, vision_weight, prompt_weight, spatial, is_vision, alive,
-                                     num_vision, keep_value)
+                                     num_vision, keep_value, keep_surrogate)
             thresholds.append((decision.theta_r, decision.theta_s))
             redundancy.append(decision.redundancy)
             self_scores.append(decision.self_importance)
@@ -223,11 +224,11 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             kept.append([seq.grid_index[b][decision.keep[b]].sort().values for b in range(batch)])
 
             if soft:
-                keep_value = decision.keep_value
+                keep_value, keep_surrogate = decision.keep_value, decision.keep_surrogate
                 stage_counts.append(torch.where(is_vision, keep_value, 0.0).sum(-1))
                 dtype = seq.hidden.dtype
                 mask = (causal_padding_mask(seq.valid, dtype) + attention_log_bias(
-                    keep_value, is_vision, cfg.log_mask_eps, dtype)).clamp_min(torch.finfo(dtype).min)
+                    keep_value, is_vision, cfg.log_mask_eps, dtype, keep_surrogate)).clamp_min(torch.finfo(dtype).min)
             else:
                 stage_counts.append(decision.keep.sum(-1).float())
                 keep_positions = (seq.valid & ~is_vision) | decision.keep

@@ -47,8 +47,9 @@ def keep_mask(
     theta_s: torch.Tensor,
     temperature: float,
     ste_temperature: float | None = None,
-) -> torch.Tensor:
-    """The module's soft mask M = max(M_r, M_s), (B, L).
+    detach_scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The module's soft mask M = max(M_r, M_s), (B, L), and its straight-through surrogate.
 
     Without ``ste_temperature``: M_r and M_s are sigmoids at ``temperature`` and their max is
     differentiated as it stands. With it (straight-through): the forward value is the same max at
@@ -56,15 +57,26 @@ def keep_mask(
     temperature, 1 - (1 - m_r)(1 - m_s) with m = sigmoid(ste_temperature (S - theta)). The union
     (equal to the max on the sharp 0/1 masks) passes gradient to both thresholds at every token;
     a max would route it to whichever criterion keeps the token, and theta_s, whose criterion keeps
-    almost nothing at initialisation, would never learn.
+    almost nothing at initialisation, would never learn. ``detach_scores``: the surrogate gradient
+    reaches the thresholds only, not the scores. At T = 1e6 the mask has no gradient with respect to
+    the scores either; a surrogate one would let the language model raise the attention of the
+    tokens it wants to keep until they pass the threshold, and so escape the budget.
+
+    Returns:
+        ``(mask, surrogate)``: ``mask`` has the forward value of the sharp mask (and, with
+        ``ste_temperature``, the surrogate's gradient); ``surrogate`` is the smooth union itself
+        (None without ``ste_temperature``), which :func:`attention_log_bias` differentiates in
+        place of the sharp mask.
     """
     sharp = combine_keep(soft_keep(redundancy, theta_r, temperature), soft_keep(spatial, theta_s, temperature))
     if ste_temperature is None:
-        return sharp
+        return sharp, None
+    if detach_scores:
+        redundancy, spatial = redundancy.detach(), spatial.detach()
     smooth_r = soft_keep(redundancy, theta_r, ste_temperature)
     smooth_s = soft_keep(spatial, theta_s, ste_temperature)
     smooth = 1 - (1 - smooth_r) * (1 - smooth_s)
-    return smooth + (sharp - smooth).detach()
+    return smooth + (sharp - smooth).detach(), smooth
 
 
 def hard_keep(
@@ -93,15 +105,28 @@ def top_k_keep(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tenso
 
 
 def attention_log_bias(
-    keep_value: torch.Tensor, is_vision: torch.Tensor, eps: float, dtype: torch.dtype
+    keep_value: torch.Tensor,
+    is_vision: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    surrogate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, 1, L, L) additive logits bias: log(D_k + eps) - log(1 + eps) on vision keys, 0 on the diagonal.
 
     Subtracting log(1 + eps) makes a fully kept token (D = 1) contribute exactly zero, so that a
     soft path that keeps everything is the stock model.
+
+    ``surrogate`` (straight-through training): a smooth keep value S whose log is differentiated
+    instead: the forward value stays log(D + eps), the gradient is that of log(S + eps). Without
+    it, a pruned token (D = 0) would pass its loss gradient on multiplied by 1 / eps (1e6): the
+    language-modelling loss would then outweigh the budget by about 1 / eps, whatever the lambdas.
     """
     length = keep_value.shape[-1]
-    column = torch.log(keep_value.float() + eps) - torch.log(torch.ones((), device=keep_value.device) + eps)
+    log_one = torch.log(torch.ones((), device=keep_value.device) + eps)
+    column = torch.log(keep_value.float() + eps) - log_one
+    if surrogate is not None:
+        smooth = torch.log(surrogate.float() + eps) - log_one
+        column = smooth + (column - smooth).detach()
     column = torch.where(is_vision, column, torch.zeros_like(column))  # (B, L)
     bias = column[:, None, None, :].expand(-1, 1, length, length)
     off_diagonal = ~torch.eye(length, dtype=torch.bool, device=keep_value.device)

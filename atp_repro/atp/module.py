@@ -31,6 +31,7 @@ class ModuleDecision:
     theta_s: torch.Tensor  # (B,)
     keep: torch.Tensor  # bool: vision tokens alive after the module (hard decision)
     keep_value: torch.Tensor | None  # float D after the module (soft path only)
+    keep_surrogate: torch.Tensor | None = None  # smooth D whose log the attention bias differentiates (STE)
 
 
 class ATPModule(nn.Module):
@@ -64,6 +65,7 @@ class ATPModule(nn.Module):
         alive: torch.Tensor,
         initial_count: int,
         keep_value: torch.Tensor | None,
+        keep_surrogate: torch.Tensor | None = None,
     ) -> ModuleDecision:
         """Decide which vision tokens survive.
 
@@ -75,6 +77,7 @@ class ATPModule(nn.Module):
             alive: (B, L) bool, vision tokens alive before this module.
             initial_count: vision tokens per sample before any module (N_0).
             keep_value: (B, L) soft keep values D_prev (soft path) or None (hard path).
+            keep_surrogate: (B, L) smooth keep values before the module (straight-through soft path).
         """
         # Self- and cross-modality scores travel stacked, (B, 2, L): one op serves both.
         importance = modality_importances(column_sums, vision_weight, prompt_weight)
@@ -85,6 +88,7 @@ class ATPModule(nn.Module):
         features = threshold_features(normalised.detach(), alive, kept_fraction, self.quantiles)
         theta_r, theta_s = self.threshold_net(features)
 
+        surrogate = None
         if self.fixed_keep is not None:
             keep = top_k_keep(redundancy, alive, self.fixed_keep)
             mask = keep.float()
@@ -92,11 +96,15 @@ class ATPModule(nn.Module):
             keep = hard_keep(redundancy, spatial, theta_r, theta_s, alive)
             mask = None
             if keep_value is not None:
-                mask = keep_mask(redundancy, spatial, theta_r, theta_s, self.temperature, self.ste_temperature)
-        new_keep_value = None
+                mask, surrogate = keep_mask(redundancy, spatial, theta_r, theta_s, self.temperature,
+                                            self.ste_temperature)
+        new_keep_value = new_surrogate = None
         if keep_value is not None:
             # D = D_prev * M accumulates on vision positions; text keeps D = 1.
             new_keep_value = torch.where(is_vision, keep_value * mask, keep_value)
             keep = is_vision & (new_keep_value > 0.5)
+            if surrogate is not None:
+                previous = keep_value if keep_surrogate is None else keep_surrogate
+                new_surrogate = torch.where(is_vision, previous * surrogate, previous)
         return ModuleDecision(importance[:, 0], importance[:, 1], redundancy, spatial, theta_r, theta_s, keep,
-                              new_keep_value)
+                              new_keep_value, new_surrogate)

@@ -104,29 +104,51 @@ class Setup:
     def grid(self) -> int:
         return self.world.grid
 
+    def lambda_scale(self) -> tuple[float, float]:
+        """The mini config's (lambda_ATP, lambda_target) over the real-scale config's (paper main setting).
+
+        A variant's lambdas are the paper's; both scale by these factors in the mini world, so that a
+        sweep keeps the paper's *relative* lambdas (supplementary Table 6).
+        """
+        from atp_repro.training_config import REAL_CONFIG, load_training_config
+
+        paper_atp = load_training_config(REAL_CONFIG).atp
+        return self.cfg.atp.lambda_atp / paper_atp.lambda_atp, self.cfg.atp.lambda_target / paper_atp.lambda_target
+
     def atp_config(self, variant: Variant):
         n_target = runs.tokens_for_576(variant.tokens_576 * PAPER_TARGET_RATIO, self.grid)
         changes = {"n_target": n_target, **variant.atp_changes()}
+        scale_atp, scale_target = self.lambda_scale()
+        if "lambda_atp" in changes:
+            changes["lambda_atp"] *= scale_atp
+        if "lambda_target" in changes:
+            changes["lambda_target"] *= scale_target
         cfg = runs.atp_from_config(self.cfg, grid=self.grid, **changes)
         if not variant.prune:
             cfg = cfg.replace(fixed_keep=(self.grid * self.grid,) * len(cfg.module_layers))
         return cfg
 
-    def train_config(self, variant: Variant):
-        return runs.finetune_config(self.cfg, steps=self.finetune_steps, frozen_lm=variant.frozen_lm)
+    def train_config(self, variant: Variant, seed: int = 0):
+        """Fine-tune settings; ``seed`` k > 0 offsets the config's seed (data order and ATP initialisation)."""
+        cfg = runs.finetune_config(self.cfg, steps=self.finetune_steps, frozen_lm=variant.frozen_lm)
+        return cfg.replace(seed=cfg.seed + seed) if seed else cfg
 
     def upper_bound(self, progress: bool = True):
         return runs.upper_bound(self.world, progress=progress)
 
-    def finetune(self, name: str | Variant, progress: bool = True):
-        """A catalogue variant by name (or any :class:`Variant`), trained once and then cached."""
+    def finetune(self, name: str | Variant, progress: bool = True, seed: int = 0):
+        """A catalogue variant by name (or any :class:`Variant`), trained once and then cached.
+
+        ``seed`` picks one of the run's repetitions (0 = the config's seed; k > 0 adds k to it)."""
         if isinstance(name, Variant):
             v = name
         elif name in VARIANTS:
             v = VARIANTS[name]
         else:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {name!r}")
-        return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v), progress=progress)
+        if not (isinstance(seed, int) and seed >= 0):
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v, seed), progress=progress)
 
     def test_set(self, tokenizer):
         return self.world.dataset("test", tokenizer=tokenizer)
