@@ -418,3 +418,67 @@ def test_grid_world_rejects_a_grid_that_does_not_divide_the_canvas():
     assert grid_world(MiniWorldConfig(), 24).model.patch_size == 4
     with pytest.raises(ValueError, match=r"grid must divide the 96 px canvas.*got 10"):
         grid_world(MiniWorldConfig(), 10)
+
+
+def test_rate_difference_interval_is_paired_and_signed():
+    from atp_repro.mini.evaluate import avg_rate_interval, rate_difference_interval
+
+    rng = np.random.default_rng(1)
+    ub = rng.random(3000) < 0.8
+    better = ub & (rng.random(3000) < 0.95)
+    worse = better & (rng.random(3000) < 0.95)  # loses 5% of the better run's right answers
+    d, lo, hi = rate_difference_interval(_records(list(better)), _records(list(worse)), _records(list(ub)))
+    assert 0 < lo < d < hi
+    # Paired: the difference is known much better than either rate alone would suggest.
+    a_lo, a_hi = avg_rate_interval(_records(list(better)), _records(list(ub)))
+    assert hi - lo < 0.8 * (a_hi - a_lo) * 2 ** 0.5
+    d2, lo2, hi2 = rate_difference_interval(_records(list(worse)), _records(list(better)), _records(list(ub)))
+    assert d2 == pytest.approx(-d) and hi2 < 0
+    assert rate_difference_interval(_records(list(ub)), _records(list(ub)), _records(list(ub))) == (0.0, 0.0, 0.0)
+
+
+def test_interval_claims_hold_fail_or_are_inconclusive():
+    from atp_repro.paper import Claim, claims_frame
+
+    assert Claim.from_interval("x", 0.5, 1.0).verdict == "holds"
+    assert Claim.from_interval("x", -1.0, 0.0).verdict == "does not hold"
+    inconclusive = Claim.from_interval("x", -0.5, 0.5)
+    assert inconclusive.verdict == "inconclusive" and inconclusive.holds is None
+    assert Claim.from_interval("x", 0.96, 0.99, threshold=0.95).holds is True
+    assert Claim.from_interval("x", float("nan"), 1.0).verdict == "inconclusive"
+    assert list(claims_frame([inconclusive])["verdict"]) == ["inconclusive"]
+    with pytest.raises(ValueError, match="inconclusive"):
+        Claim("x", True, inconclusive=True)
+
+
+def test_calibrated_finetune_starts_at_its_budget(cache_dir):
+    from atp_repro import ATPConfig
+    from atp_repro.mini import runs
+
+    train_cfg = TrainConfig(steps=2, batch_size=2, n_train=4, lr_atp=1e-2)
+    for n_target in (4.0, 8.0):  # of 16 tokens (grid 4): two budgets, two different starts
+        atp_cfg = ATPConfig(module_layers=(0, 3, 5), grid_strides=(2,), n_target=n_target, init_calibration="target")
+        _, _, info = runs.atp_finetune(TINY_WORLD, atp_cfg, train_cfg, progress=False)
+        report = info.manifest["calibration"]
+        assert abs(report["kept"][0] - report["target"][0]) <= 1.0
+        assert len(info.manifest["tokens_per_step"]) == train_cfg.steps
+    # The keep-all control is never calibrated: its modules keep a fixed count.
+    control = ATPConfig(module_layers=(0, 3, 5), grid_strides=(2,), init_calibration="target", fixed_keep=(4, 4, 4))
+    _, _, info = runs.atp_finetune(TINY_WORLD, control, train_cfg, progress=False)
+    assert info.manifest["calibration"] is None
+
+
+def test_table6_rows_keep_the_papers_relative_lambdas():
+    from atp_repro.mini.experiments import VARIANTS, Setup
+
+    setup = Setup.load()
+    scale_atp, scale_target = setup.lambda_scale()
+    row1 = setup.atp_config(VARIANTS["lambda_1_1"])
+    main = setup.atp_config(VARIANTS["trainable_144"])
+    assert (row1.lambda_atp, row1.lambda_target) == (1.0 * scale_atp, 1.0 * scale_target)
+    assert row1.lambda_atp / main.lambda_atp == pytest.approx(10.0)
+    assert row1.lambda_target / main.lambda_target == pytest.approx(5.0)
+    base_seed = setup.train_config(VARIANTS["trainable_144"]).seed
+    assert setup.train_config(VARIANTS["trainable_144"], seed=2).seed == base_seed + 2
+    with pytest.raises(ValueError, match="seed"):
+        setup.finetune("trainable_144", seed=-1)

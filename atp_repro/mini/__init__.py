@@ -1,4 +1,4 @@
-"""The mini world: a procedurally generated VQA task and a small LLaVA trained on CPU (SPEC §2.1).
+"""The mini world: a procedurally generated VQA task and a small LLaVA trained on CPU.
 
 Modules (one idea each): :mod:`.scenes` (deterministic scene images), :mod:`.questions`
 (question families), :mod:`.tokenizer` (word-level tokenizer built in code), :mod:`.data` (splits

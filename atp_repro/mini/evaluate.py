@@ -1,6 +1,6 @@
 """Evaluation of mini-world models: generation, exact match, per-family accuracy, tokens.
 
-Definitions (SPEC §2.1, §7):
+Definitions (README, "Interpretations"):
 
 * accuracy per family: greedy ``generate`` on the prompt, exact match of the decoded answer words;
 * chance per family: a *blind* baseline that answers every question with the most common answer
@@ -285,12 +285,13 @@ def rate_difference_interval(records: pd.DataFrame, other: pd.DataFrame, upper_b
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    acc = accuracy_by_family(records)["accuracy"]
-    acc_other = accuracy_by_family(other)["accuracy"]
-    ub_acc = accuracy_by_family(upper_bound)["accuracy"]
+    def family_accuracy(r: pd.DataFrame) -> pd.Series:
+        return r.groupby("family")["correct"].mean()
+
+    ub_acc = family_accuracy(upper_bound)
     if families is not None:
         ub_acc = ub_acc[[f for f in ub_acc.index if f in families]]
-    diff = avg_rate(acc, ub_acc) - avg_rate(acc_other, ub_acc)
+    diff = avg_rate(family_accuracy(records), ub_acc) - avg_rate(family_accuracy(other), ub_acc)
     a, b = _family_rate_replicates(records, upper_bound, families, n_boot, np.random.default_rng(seed), (other,))
     tail = 100 * (1 - level) / 2
     with np.errstate(all="ignore"):

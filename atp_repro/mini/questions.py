@@ -1,4 +1,4 @@
-"""Question families over mini-world scenes, mirroring the paper's benchmark groups (SPEC §2.1).
+"""Question families over mini-world scenes, mirroring the paper's benchmark groups.
 
 ============  =====================================================  ====================
 family        example                                                 paper analogue

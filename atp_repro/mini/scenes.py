@@ -1,4 +1,4 @@
-"""Deterministic synthetic scenes for the mini world (SPEC §2.1).
+"""Deterministic synthetic scenes for the mini world.
 
 A scene is a handful of coloured shapes (and optionally a short rendered text label) on a plain
 or textured grey background. Everything is drawn from one ``numpy.random.Generator``, so a scene
