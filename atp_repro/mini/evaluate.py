@@ -285,8 +285,9 @@ def rate_difference_interval(records: pd.DataFrame, other: pd.DataFrame, upper_b
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    def family_accuracy(r: pd.DataFrame) -> pd.Series:
-        return r.groupby("family")["correct"].mean()
+    def family_accuracy(r: pd.DataFrame) -> pd.Series:  # per family, in FAMILIES order (as accuracy_by_family)
+        acc = r.groupby("family")["correct"].mean()
+        return acc.loc[[f for f in FAMILIES if f in acc.index]]
 
     ub_acc = family_accuracy(upper_bound)
     if families is not None:
