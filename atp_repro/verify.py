@@ -30,15 +30,15 @@ MANIFEST_VERSION = 1
 
 # Whole files that record timings only (Table 3's timing study: per-run times, per-layer times,
 # the metrics and claims derived from them).
-TIMING_FILES = re.compile(r"^supp_table3_flash_attention_timing\.(runs|layers|metrics|claims)\.csv$")
+TIMING_FILES = re.compile(r"^supp_table3_flash_attention_timing\.(runs|layers|metrics)\.csv$")
 # Row or column labels (long tables) and column names (wide tables) of timed quantities.
 TIMING_LABEL = re.compile(
-    r"wall[- ]?time|cuda time|\btime\b|seconds|_s$|\((?:s|ms|min)\)|^Δ$|"
-    r"_min$",
+    r"wall[-_ ]?time|cuda time|\btime\b|seconds|_time_s$|_step_s$|_question_s$|\((?:s|ms|min)\)|^Δ$",
     re.IGNORECASE,
 )
 # Claims whose verdict is decided by a timing (their evidence quotes seconds or minutes).
-TIMING_CLAIM = re.compile(r"wall-time|cheaper|faster|speeds? up|prefill time|train within", re.IGNORECASE)
+TIMING_CLAIM = re.compile(r"wall-time|cheaper|faster|as fast|speeds? up|prefill time|saving|reduction|overhead|"
+                          r"t\(atp|train within", re.IGNORECASE)
 # Columns of a claims file that are compared (for the claims not decided by a timing).
 CLAIM_COLUMNS = ("claim", "verdict", "evidence")
 
@@ -84,8 +84,6 @@ def result_files(root: Path) -> list[Path]:
 
 def build_manifest(root: Path | None = None) -> dict[str, Any]:
     """The manifest of the result files under ``root`` (default: the repository)."""
-    from . import numerics
-
     root = root or paths.repo_root()
     files: dict[str, Any] = {}
     for path in result_files(root):
@@ -96,7 +94,16 @@ def build_manifest(root: Path | None = None) -> dict[str, Any]:
             continue
         files[rel] = {"sha256": _digest(content), "columns": list(content.columns),
                       "rows": content.to_numpy().tolist()}
-    return {"version": MANIFEST_VERSION, "numerics": numerics.cache_key(), "files": files}
+    return {"version": MANIFEST_VERSION, "numerics": sorted(recorded_numerics(root)), "files": files}
+
+
+def recorded_numerics(root: Path) -> set[str]:
+    """The numerics modes the result files' provenance sidecars record (e.g. {"pinned"})."""
+    modes = set()
+    for sidecar in (root / "tables").glob("*.provenance.json"):
+        device = json.loads(sidecar.read_text()).get("device", {})
+        modes.add(device.get("numerics", {}).get("mode", "unrecorded"))
+    return modes
 
 
 def write_manifest(root: Path | None = None) -> Path:
@@ -137,6 +144,9 @@ def verify(root: Path | None = None, manifest_path: Path | None = None) -> list[
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{manifest_path}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
     out: list[Difference] = []
+    made_with, now = manifest.get("numerics", []), sorted(recorded_numerics(root))
+    if made_with != now:  # not itself a difference of results, but it explains any that follow
+        out.append(Difference("tables/*.provenance.json", "numerics mode", made_with, now))
     for rel, entry in manifest["files"].items():
         path = root / rel
         if not path.is_file():

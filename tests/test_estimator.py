@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -65,8 +67,12 @@ def test_uniform_keep_ratio_solves_the_layer_average():
     assert stage_targets(32.5, 144, layers, 8)[0] == pytest.approx(144 * r)
     # A smaller budget needs a smaller ratio; the first layer's full 144 tokens bound it from below.
     assert uniform_keep_ratio(20.0, 144, layers, 8) < r
-    with pytest.raises(ValueError, match="n_target=17 is unreachable"):
-        uniform_keep_ratio(17.0, 144, layers, 8)
+    # The 88-token budget of the mini world: later stages are floored at one token per sample.
+    small = stage_targets(19.85, 144, layers, 8)
+    assert small[0] < 6 and small[1:] == [1.0, 1.0]
+    assert mean_tokens(uniform_keep_ratio(19.85, 144, layers, 8), 144, layers, 8) == pytest.approx(19.85)
+    with pytest.raises(ValueError, match="n_target=18 is unreachable"):
+        uniform_keep_ratio(18.0, 144, layers, 8)  # 144 / 8 + 7 / 8 = 18.875 at the least
 
 
 @pytest.mark.parametrize("n_target", [14.0, 24.0])
@@ -79,7 +85,7 @@ def test_calibration_starts_at_the_budget(n_target):
     assert report["target"] == pytest.approx(targets)
     # Each stage's batch-mean count is within one token of its target, so N_bar is near n_target.
     assert report["kept"] == pytest.approx(targets, abs=1.0)
-    assert mean_tokens(1.0, 1.0, config.module_layers, NUM_LAYERS) == 1.0
+    assert not model.training  # the mode it was given is restored
     with torch.no_grad():
         model.eval()
         model(**inputs)
@@ -88,26 +94,30 @@ def test_calibration_starts_at_the_budget(n_target):
     assert float(token_counts(model).float().mean()) == pytest.approx(n_target, abs=1.5)
 
 
-def ntp_threshold_gradient(eps: float) -> torch.Tensor:
-    """Gradient of the language-modelling loss alone w.r.t. every redundancy-head bias."""
-    config = real_atp_config(log_mask_eps=eps)
-    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID, attn_implementation="eager"), config).train()
-    for module in model.model.language_model.atp_modules:  # prune about half of every module's input
-        module.threshold_net.redundancy_head.bias.data.fill_(0.0)
-    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
-    labels = inputs["input_ids"].clone()
-    labels[:, :-3] = -100
-    loss = model(**inputs, labels=labels).loss
-    biases = [m.threshold_net.redundancy_head.bias for m in model.model.language_model.atp_modules]
-    return torch.cat(torch.autograd.grad(loss, biases))
+def test_attention_bias_differentiates_the_smooth_keep_value_not_the_pruned_one():
+    # Key 0 is pruned (S_r 0.2 < theta_r 0.5), key 1 kept. The bias keeps its forward value log(D + eps);
+    # its gradient is that of log(S + eps), S the smooth union, so a pruned token does not pass its loss
+    # gradient on multiplied by 1 / (0 + eps).
+    from atp_repro.atp.masks import attention_log_bias, keep_mask
 
-
-def test_straight_through_gradient_does_not_scale_with_one_over_eps():
-    # Differentiating log(D + eps) at a pruned token (D = 0) would multiply its gradient by 1 / eps;
-    # the log-space surrogate keeps the thresholds' gradient of the same size for any small eps.
-    small, large = ntp_threshold_gradient(1e-6), ntp_threshold_gradient(1e-4)
-    assert small.abs().max() > 0
-    assert small.abs().max() < 2 * large.abs().max(), (small, large)
+    eps = 1e-6
+    theta_r = torch.tensor([0.5], requires_grad=True)
+    theta_s = torch.tensor([0.99])
+    redundancy, spatial = torch.tensor([[0.2, 0.8]]), torch.zeros(1, 2)
+    mask, surrogate = keep_mask(redundancy, spatial, theta_r, theta_s, 1e6, ste_temperature=3.0)
+    assert mask.tolist() == [[0.0, 1.0]]
+    bias = attention_log_bias(mask, torch.ones(1, 2, dtype=torch.bool), eps, torch.float32, surrogate)
+    assert float(bias[0, 0, 1, 0]) == pytest.approx(math.log(eps) - math.log1p(eps))
+    (grad,) = torch.autograd.grad(bias[0, 0, 1, 0], theta_r, retain_graph=True)
+    smooth_r = torch.sigmoid(3.0 * (0.2 - theta_r.detach()))
+    smooth_s = torch.sigmoid(torch.tensor(3.0 * (0.0 - 0.99)))
+    smooth = 1 - (1 - smooth_r) * (1 - smooth_s)
+    d_smooth = -3.0 * smooth_r * (1 - smooth_r) * (1 - smooth_s)  # d smooth / d theta_r
+    assert float(grad) == pytest.approx(float(d_smooth / (smooth + eps)), rel=1e-4)
+    # Without the surrogate the same gradient is about 1 / eps times larger.
+    plain = attention_log_bias(mask, torch.ones(1, 2, dtype=torch.bool), eps, torch.float32)
+    (grad_plain,) = torch.autograd.grad(plain[0, 0, 1, 0], theta_r)
+    assert abs(float(grad_plain)) > 1e4 * abs(float(grad))
 
 
 def test_budget_gradient_reaches_the_thresholds_not_the_scores():

@@ -8,9 +8,11 @@ fine-tune *at* the budget instead: on one batch of training samples it sets each
 average over the batch, the stage counts whose layer average is N_target.
 
 How the budget is split between modules (choice): every module keeps the same fraction r of the
-tokens alive before it, so stage m holds N_0 r^m tokens. The spatial threshold keeps its
-initial value. Instance adaptivity is untouched: the threshold is shared by the batch, but each
-instance's scores are normalised on their own, so instances keep different numbers of tokens.
+tokens alive before it, so stage m holds N_0 r^m tokens, but never fewer than one token per sample
+(min-max normalisation gives the most important live token S_r = 1, which no theta_r < 1 prunes).
+The spatial threshold keeps its initial value. Instance adaptivity is untouched: the threshold is
+shared by the batch, but each instance's scores are normalised on their own, so instances keep
+different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ def layers_per_stage(module_layers: tuple[int, ...], num_layers: int) -> list[in
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def mean_tokens(ratio: float, n0: float, module_layers: tuple[int, ...], num_layers: int) -> float:
-    """N_bar (tokens averaged over all decoder layers) when every module keeps ``ratio`` of its input."""
+MIN_STAGE_TOKENS = 1.0  # a module keeps at least the most important live token of each sample
+
+
+def mean_tokens(ratio: float, n0: float, module_layers: tuple[int, ...], num_layers: int,
+                floor: float = MIN_STAGE_TOKENS) -> float:
+    """N_bar (tokens averaged over all decoder layers) when every module keeps ``ratio`` of its input
+    (and at least ``floor`` tokens)."""
     stages = layers_per_stage(module_layers, num_layers)
-    return n0 * sum(n * ratio**m for m, n in enumerate(stages)) / num_layers
+    counts = [n0] + [max(n0 * ratio**m, floor) for m in range(1, len(stages))]
+    return sum(n * c for n, c in zip(stages, counts)) / num_layers
 
 
 def uniform_keep_ratio(n_target: float, n0: float, module_layers: tuple[int, ...], num_layers: int) -> float:
@@ -50,7 +58,8 @@ def uniform_keep_ratio(n_target: float, n0: float, module_layers: tuple[int, ...
     if not low_end <= n_target <= n0:
         raise ValueError(
             f"n_target={n_target:g} is unreachable with modules after layers {module_layers} of {num_layers}: "
-            f"N_bar lies in [{low_end:g}, {n0:g}] (the layers before the first module keep every token)"
+            f"N_bar lies in [{low_end:g}, {n0:g}] (the layers before the first module keep every token, "
+            f"every later one at least {MIN_STAGE_TOKENS:g})"
         )
     lo, hi = 0.0, 1.0
     for _ in range(60):
@@ -60,9 +69,9 @@ def uniform_keep_ratio(n_target: float, n0: float, module_layers: tuple[int, ...
 
 
 def stage_targets(n_target: float, n0: float, module_layers: tuple[int, ...], num_layers: int) -> list[float]:
-    """Mean tokens kept after each module, N_0 r^(m+1), for the uniform keep ratio r."""
+    """Mean tokens kept after each module, max(N_0 r^(m+1), 1), for the uniform keep ratio r."""
     r = uniform_keep_ratio(n_target, n0, module_layers, num_layers)
-    return [n0 * r ** (m + 1) for m in range(len(module_layers))]
+    return [max(n0 * r ** (m + 1), MIN_STAGE_TOKENS) for m in range(len(module_layers))]
 
 
 def _logit(p: float) -> float:
@@ -86,8 +95,10 @@ def calibrate_thresholds(
         n_target: the budget (default: the model's ``ATPConfig.n_target``).
         iterations: bisection steps on each bias (logit space, between theta 1e-6 and 1 - 1e-6).
     Returns:
-        ``{"target": [...], "kept": [...], "theta_r": [...]}`` per module: the stage count aimed at,
-        the batch-mean count reached, and the calibrated theta_r (at zero head weights).
+        ``{"target": [...], "kept": [...], "theta_r": [...], "saturated": [...]}`` per module: the
+        stage count aimed at, the batch-mean count reached, the calibrated theta_r (at zero head
+        weights), and whether theta_r ended at the edge of the search range (the budget asks for
+        the floor of one token per sample; such a head starts where its sigmoid is flat).
     """
     from .api import _language_model, atp_config, last_atp_record
 
@@ -102,14 +113,14 @@ def calibrate_thresholds(
         return float(last_atp_record(model).stage_counts[:, module + 1].float().mean())
 
     first_layer_tokens = None
-    targets, kept, thetas = [], [], []
+    targets, kept, thetas, saturated = [], [], [], []
     try:
         model(**batch)
         first_layer_tokens = float(last_atp_record(model).stage_counts[:, 0].float().mean())
         targets = stage_targets(n_target, first_layer_tokens, config.module_layers, lm.config.num_hidden_layers)
         for m, target in enumerate(targets):
             bias = lm.atp_modules[m].threshold_net.redundancy_head.bias
-            lo, hi = _logit(1e-6), _logit(1 - 1e-6)  # kept count falls as the bias rises
+            lo, hi = _logit(1e-6), _logit(1 - 1e-4)  # kept count falls as the bias rises
             for _ in range(iterations):
                 mid = (lo + hi) / 2
                 bias.fill_(mid)
@@ -122,6 +133,8 @@ def calibrate_thresholds(
             bias.fill_(min(candidates)[1])
             kept.append(stage_mean(m))
             thetas.append(float(torch.sigmoid(bias.detach().float()).reshape(-1)[0]))
+            saturated.append(bool(min(candidates)[1] >= _logit(1 - 1e-3)))
     finally:
         model.train(was_training)
-    return {"target": targets, "kept": kept, "theta_r": thetas, "first_layer_tokens": [first_layer_tokens]}
+    return {"target": targets, "kept": kept, "theta_r": thetas, "saturated": saturated,
+            "first_layer_tokens": [first_layer_tokens]}

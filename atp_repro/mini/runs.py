@@ -242,18 +242,21 @@ def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> di
         # Straight-through surrogate of the criteria's union, reaching the thresholds only (earlier:
         # per-criterion surrogates through a max, reaching the scores too).
         "estimator": "union-thresholds-only-logspace",
+        # How the thresholds start (init_calibration="target"): samples and the budget split's version.
+        "calibration": {"samples": CALIBRATION_SAMPLES, "split": "uniform-ratio-floor-1"},
     }
 
 
 CALIBRATION_SAMPLES = 64  # training samples the thresholds are calibrated on (init_calibration="target")
 
 
-def calibrate_at_target(model: torch.nn.Module, dataset: MiniVQA, atp_cfg: Any) -> dict | None:
+def calibrate_at_target(model: torch.nn.Module, dataset: MiniVQA, atp_cfg: Any, num_threads: int = 2) -> dict | None:
     """Calibrate the initial thresholds on the first training samples (if the config asks for it)."""
     if atp_cfg.init_calibration != "target" or atp_cfg.fixed_keep is not None:
         return None
     from atp_repro.atp.calibration import calibrate_thresholds
 
+    torch.set_num_threads(num_threads)  # the fine-tune's thread count, fixed before any forward
     batch = Collator(dataset.tokenizer.pad_token_id, mode="train")(
         [dataset[i] for i in range(min(CALIBRATION_SAMPLES, len(dataset)))])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
@@ -282,7 +285,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
             torch.manual_seed(train_cfg.seed)
             model = apply_atp(ub, atp_cfg)
         ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
-        calibration = calibrate_at_target(model, ds, atp_cfg)
+        calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
                     track=mean_vision_tokens)
