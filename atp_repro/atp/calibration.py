@@ -18,6 +18,7 @@ different numbers of tokens.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -117,7 +118,12 @@ def calibrate_thresholds(
     try:
         model(**batch)
         first_layer_tokens = float(last_atp_record(model).stage_counts[:, 0].float().mean())
-        targets = stage_targets(n_target, first_layer_tokens, config.module_layers, lm.config.num_hidden_layers)
+        layers = (config.module_layers, lm.config.num_hidden_layers)
+        lowest = mean_tokens(0.0, first_layer_tokens, *layers)
+        if n_target < lowest:  # below what any split reaches: start as low as the floor allows
+            warnings.warn(f"n_target={n_target:g} is below the reachable {lowest:g}; calibrating to {lowest:g}",
+                          stacklevel=2)
+        targets = stage_targets(max(n_target, lowest), first_layer_tokens, *layers)
         for m, target in enumerate(targets):
             bias = lm.atp_modules[m].threshold_net.redundancy_head.bias
             lo, hi = _logit(1e-6), _logit(1 - 1e-4)  # kept count falls as the bias rises
