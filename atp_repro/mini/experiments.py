@@ -262,7 +262,7 @@ def table3_accuracy(setup: Setup, variant: str = "trainable_144", progress: bool
     return {s.label: (100.0 * rate if s.atp else 100.0) for s in STRATEGIES.values()}
 
 
-FAR_ABOVE_CHANCE = 0.15  # accuracy - chance, per family, for "far above chance" (issue #4's acceptance)
+FAR_ABOVE_CHANCE = 0.15  # accuracy - chance, per family, for "far above chance" (the upper bound's acceptance check)
 
 
 def families_above_chance(res: EvalResult, margin: float = FAR_ABOVE_CHANCE) -> list[str]:
