@@ -233,7 +233,7 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
 
 
 def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> dict:
-    return {
+    spec = {
         "kind": "atp",
         "parent": spec_hash(upper_bound_spec(world)),
         "atp": _asdict(atp_cfg),
@@ -245,6 +245,9 @@ def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> di
         # How the thresholds start (init_calibration="target"): samples and the budget split's version.
         "calibration": {"samples": CALIBRATION_SAMPLES, "split": "uniform-ratio-floor-1"},
     }
+    if atp_cfg.position_encoding == "rope2d":  # row and column pairs interleaved (earlier: contiguous blocks)
+        spec["rope2d_pairs"] = "interleaved"
+    return spec
 
 
 CALIBRATION_SAMPLES = 64  # training samples the thresholds are calibrated on (init_calibration="target")
