@@ -258,6 +258,36 @@ class Claim:
             return cls(claim, False, evidence)
         return cls(claim, None, evidence, inconclusive=True)
 
+    @classmethod
+    def within(cls, claim: str, low: float, high: float, bound: float, evidence: str = "") -> Claim:
+        """A claim "the quantity lies within +-``bound``" judged from an interval of that quantity.
+
+        Holds when the whole interval lies inside (-bound, bound), does not hold when it lies wholly
+        outside, and is inconclusive otherwise.
+        """
+        if math.isnan(low) or math.isnan(high):
+            return cls(claim, None, evidence, inconclusive=True)
+        if -bound < low and high < bound:
+            return cls(claim, True, evidence)
+        if low >= bound or high <= -bound:
+            return cls(claim, False, evidence)
+        return cls(claim, None, evidence, inconclusive=True)
+
+    @classmethod
+    def all_of(cls, claim: str, parts: Iterable[Claim], evidence: str = "") -> Claim:
+        """A conjunction: does not hold if a part does not, holds if every part does, else inconclusive
+        (or not checked when a part was not)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Claim.all_of needs at least one part")
+        if any(p.holds is False for p in parts):
+            return cls(claim, False, evidence)
+        if all(p.holds is True for p in parts):
+            return cls(claim, True, evidence)
+        if any(p.inconclusive for p in parts):
+            return cls(claim, None, evidence, inconclusive=True)
+        return cls(claim, None, evidence)
+
 
 def claims_frame(claims: Iterable[Claim]) -> pd.DataFrame:
     return pd.DataFrame(

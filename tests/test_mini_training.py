@@ -451,6 +451,21 @@ def test_interval_claims_hold_fail_or_are_inconclusive():
         Claim("x", True, inconclusive=True)
 
 
+def test_within_and_all_of_claims():
+    from atp_repro.paper import Claim
+
+    assert Claim.within("x", -1.0, 2.0, 3.0).verdict == "holds"
+    assert Claim.within("x", 3.5, 5.0, 3.0).verdict == "does not hold"
+    assert Claim.within("x", -5.0, -3.0, 3.0).verdict == "does not hold"
+    assert Claim.within("x", 2.0, 4.0, 3.0).verdict == "inconclusive"
+    yes, no, maybe = Claim("a", True), Claim("b", False), Claim.from_interval("c", -1, 1)
+    assert Claim.all_of("x", [yes, yes]).verdict == "holds"
+    assert Claim.all_of("x", [yes, maybe]).verdict == "inconclusive"
+    assert Claim.all_of("x", [maybe, no, yes]).verdict == "does not hold"
+    with pytest.raises(ValueError, match="at least one"):
+        Claim.all_of("x", [])
+
+
 def test_calibrated_finetune_starts_at_its_budget(cache_dir):
     from atp_repro import ATPConfig
     from atp_repro.mini import runs

@@ -150,6 +150,17 @@ class Setup:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v, seed), progress=progress)
 
+    def seeded(self, name: str | Variant, seeds: int, progress: bool = False) -> Seeded:
+        """``name`` fine-tuned with seeds 0..seeds-1 (each cached), every model evaluated on the test set."""
+        if not (isinstance(seeds, int) and seeds >= 1):
+            raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+        results, infos = [], []
+        for k in range(seeds):
+            model, tok, info = self.finetune(name, progress=progress, seed=k)
+            results.append(self.evaluate(model, info, tok))
+            infos.append(info)
+        return Seeded(name if isinstance(name, str) else name.description, results, infos)
+
     def test_set(self, tokenizer):
         return self.world.dataset("test", tokenizer=tokenizer)
 
@@ -195,6 +206,70 @@ def summary_row(name: str, res: EvalResult, ub: EvalResult, info: runs.RunInfo |
         row["train_wall_time_s"] = info.wall_time_s
     corr = complexity_correlation(res)
     row["spearman_complexity"] = corr["complexity"]
+    return row
+
+
+@dataclass
+class Seeded:
+    """One fine-tune repeated with several seeds, every seed evaluated on the same test questions."""
+
+    name: str
+    results: list[EvalResult]
+    infos: list[runs.RunInfo]
+
+    @property
+    def records(self) -> list[pd.DataFrame]:
+        return [r.records for r in self.results]
+
+    @property
+    def pooled(self) -> EvalResult:
+        """All seeds' records (with a ``seed`` column) and kept counts stacked: per-family accuracies of
+        the pooled records are the means over seeds."""
+        records = pd.concat([r.records.assign(seed=k) for k, r in enumerate(self.results)], ignore_index=True)
+        first = self.results[0]
+        return EvalResult(records, np.concatenate([r.kept for r in self.results]), first.grid,
+                          float(sum(r.seconds for r in self.results)))
+
+    def tokens(self, unit: str = "grid") -> list[float]:
+        """Mean kept vision tokens of each seed, on the grid or as 576-equivalents (``unit="576"``)."""
+        key = {"grid": "tokens", "576": "tokens_576_equiv"}.get(unit)
+        if key is None:
+            raise ValueError(f"unit must be 'grid' or '576', got {unit!r}")
+        return [token_summary(r.kept, r.grid)[key] for r in self.results]
+
+
+def seeded_summary_row(name: str, run: Seeded, ub: EvalResult) -> dict[str, Any]:
+    """:func:`summary_row` over seeds: means, seed spreads, and intervals combining seeds and questions."""
+    from .seeds import rate_over_seeds, value_over_seeds
+
+    rate = rate_over_seeds(run.records, ub.records)
+    above = rate_over_seeds(run.records, ub.records, families_above_chance(ub))
+    tok, tok576 = value_over_seeds(run.tokens()), value_over_seeds(run.tokens("576"))
+    pooled = run.pooled
+    acc = accuracy_by_family(pooled.records)["accuracy"]
+    row: dict[str, Any] = {
+        "run": name,
+        "seeds": len(run.results),
+        "tokens": tok.value,
+        "tokens_seed_sd": tok.seed_sd,
+        "fraction_of_grid": tok.value / (pooled.grid * pooled.grid),
+        "tokens_576_equiv": tok576.value,
+        "tokens_576_seed_sd": tok576.seed_sd,
+        "avg_rate": rate.value,
+        "avg_rate_seed_sd": rate.seed_sd,
+        "avg_rate_by_seed": ", ".join(f"{100 * v:.2f}" for v in rate.per_seed),
+        # 95% interval of the seed mean: training variation (t over seeds) and test questions (paired
+        # bootstrap) combined; the second pair is the test-question part alone.
+        "avg_rate_ci_low": rate.low,
+        "avg_rate_ci_high": rate.high,
+        "avg_rate_questions_ci_low": rate.question_low,
+        "avg_rate_questions_ci_high": rate.question_high,
+        "avg_rate_above_chance": above.value,
+        "accuracy": float(pooled.records["correct"].mean()),
+    }
+    row.update({f"acc_{f}": float(a) for f, a in acc.items()})
+    row["train_wall_time_s"] = float(np.mean([i.wall_time_s for i in run.infos]))
+    row["spearman_complexity"] = complexity_correlation(pooled)["complexity"]
     return row
 
 
