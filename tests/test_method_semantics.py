@@ -201,3 +201,23 @@ def test_rope2d_changes_what_the_layers_after_the_first_module_compute():
     # Text before the image never sees a vision token: identical. Everything after it is re-positioned.
     assert torch.allclose(logits["rope2d"][:, :image_start], logits["original"][:, :image_start], atol=1e-6)
     assert not torch.allclose(logits["rope2d"][:, -1], logits["original"][:, -1], atol=1e-4)
+
+
+def test_a_deep_copy_is_an_independent_working_model():
+    import copy
+
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8)))
+    inputs = tiny_inputs(model)
+    labels = torch.where(inputs["input_ids"] == IMAGE_TOKEN_ID, -100, inputs["input_ids"])
+    model.train()(**inputs, labels=labels)  # a training pass: its record holds graph tensors
+    model.eval()
+    before = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.generate(**inputs, max_new_tokens=5, do_sample=False), before)
+    with torch.no_grad():
+        twin.lm_head.weight.copy_(torch.roll(twin.lm_head.weight, 1, dims=0))  # another next-token ranking
+    changed = twin.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert not torch.equal(changed, before)  # the copy runs its own weights...
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), before)  # ...not the original's
+    twin_record, record = last_atp_record(twin), last_atp_record(model)
+    assert twin_record is not record  # each model records its own passes

@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-import functools
 import io
+import types
 from pathlib import Path
 
 import torch
@@ -87,30 +87,37 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     runtime = ATPRuntime(config=config, image_token_id=int(image_token_id))
     lm._atp_runtime = runtime
 
-    def remember_image_tokens(module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        runtime.pending_image_mask = None if input_ids is None else input_ids == runtime.image_token_id
-
-    def remember_answers(module, args, kwargs):
-        labels = kwargs.get("labels")
-        runtime.pending_answer_mask = None if labels is None else labels != -100
-
-    model.model.register_forward_pre_hook(remember_image_tokens, with_kwargs=True)
-    model.register_forward_pre_hook(remember_answers, with_kwargs=True)
-
-    stock_generate = model.generate
-
-    @functools.wraps(stock_generate)
-    def generate(*args, **kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
-        try:
-            return stock_generate(*args, **kwargs)
-        finally:
-            runtime.prompt_length = None
-
-    model.generate = generate
+    # Hooks and the generate wrapper find the runtime through the module they are called on (no
+    # closures over this model), so that copy.deepcopy gives an independent, working model.
+    model.model.register_forward_pre_hook(_remember_image_tokens, with_kwargs=True)
+    model.register_forward_pre_hook(_remember_answers, with_kwargs=True)
+    model.generate = types.MethodType(_atp_generate, model)
     return model
+
+
+def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of the LLaVA model: where the image tokens are (read by the ATP decoder)."""
+    runtime = module.language_model._atp_runtime
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    runtime.pending_image_mask = None if input_ids is None else input_ids == runtime.image_token_id
+
+
+def _remember_answers(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of the top model: which tokens are answers (excluded from cross-modality queries)."""
+    labels = kwargs.get("labels")
+    _runtime(module).pending_answer_mask = None if labels is None else labels != -100
+
+
+def _atp_generate(self: nn.Module, *args, **kwargs):
+    """The model class's ``generate``, with the prompt length recorded: without a KV cache, generated
+    tokens are treated as answers and excluded from the cross-modality queries (as at training)."""
+    runtime = _runtime(self)
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        runtime.prompt_length = None
 
 
 def has_atp(model: nn.Module) -> bool:
