@@ -221,3 +221,29 @@ def test_a_deep_copy_is_an_independent_working_model():
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), before)  # ...not the original's
     twin_record, record = last_atp_record(twin), last_atp_record(model)
     assert twin_record is not record  # each model records its own passes
+
+
+def _gradients(checkpointing: dict | None) -> dict[str, torch.Tensor]:
+    from atp_repro import budget_loss
+
+    torch.manual_seed(0)
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, temperature=20.0))
+    inputs = tiny_inputs(model)
+    labels = torch.where(inputs["input_ids"] == IMAGE_TOKEN_ID, -100, inputs["input_ids"])
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    out = model.train()(**inputs, labels=labels, use_cache=False)
+    (out.loss + budget_loss(model)).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_non_reentrant_gradient_checkpointing_gives_the_same_gradients():
+    plain, checkpointed = _gradients(None), _gradients({"use_reentrant": False})
+    assert plain.keys() == checkpointed.keys() and any("atp_modules" in k for k in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_reentrant_gradient_checkpointing_is_rejected_with_what_to_do():
+    with pytest.raises(ValueError, match=r"use_reentrant=True is not supported.*'use_reentrant': False"):
+        _gradients({"use_reentrant": True})

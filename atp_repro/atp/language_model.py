@@ -333,6 +333,8 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     runtime: ATPRuntime = self._atp_runtime
+    if self.training and torch.is_grad_enabled():
+        _reject_reentrant_checkpointing(self)
     image_mask, runtime.pending_image_mask = runtime.pending_image_mask, None
     answer_mask, runtime.pending_answer_mask = runtime.pending_answer_mask, None
     if image_mask is None and input_ids is not None:
@@ -358,6 +360,19 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
                 "from an earlier prefill was given)")
         hidden = _decode(self, state, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
     return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+
+def _reject_reentrant_checkpointing(model) -> None:
+    """Reentrant gradient checkpointing re-runs a layer's forward inside backward, where the soft
+    path's keep values (computed once, shared by every later layer) are backpropagated a second time;
+    it fails deep in autograd. Fail before any work with what to do instead."""
+    for layer in model.layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True is not supported by ATP's training (soft) path; "
+                "enable it with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}) (the transformers default), which gives the same gradients")
 
 
 _CLASS_CACHE: dict[type, type] = {}
