@@ -7,7 +7,8 @@ After pruning, the surviving vision tokens no longer form a grid, and 1-D positi
   frozen-LM-safe default: the LM sees exactly the positions it was trained with).
 - ``rope2d``: in the layers after the first module, vision tokens rotate part of each head's
   frequency pairs by (image start + row) and (image start + col) instead of the 1-D position, in
-  the spirit of Qwen2-VL's M-RoPE, with the row and column pairs interleaved across the spectrum. Text tokens are unchanged, so text-to-text attention is too.
+  the spirit of Qwen2-VL's M-RoPE, with the row and column pairs interleaved across the spectrum.
+  Text tokens are unchanged, so text-to-text attention is too.
 - ``learned2d``: a zero-initialised learned row and column embedding is added to the surviving
   vision tokens at every ATP module (identity at initialisation).
 """
@@ -16,12 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def rope_sections(num_pairs: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    """How many of ``num_pairs`` rotary frequency pairs go to the (1-D, row, col) sections."""
-    counts = torch.bincount(rope_section_ids(num_pairs, fractions), minlength=3).tolist()
-    return counts[0], counts[1], counts[2]
 
 
 def rope_section_ids(num_pairs: int, fractions: tuple[float, float, float]) -> torch.Tensor:

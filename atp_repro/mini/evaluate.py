@@ -218,6 +218,20 @@ def avg_rate(acc: pd.Series, upper_bound: pd.Series) -> float:
     return float(np.mean([acc[f] / upper_bound[f] for f in common])) if common else float("nan")
 
 
+def check_bootstrap(level: float, n_boot: int) -> None:
+    """Reject a confidence ``level`` outside (0, 1) or fewer than one bootstrap replicate."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+
+def family_accuracy(records: pd.DataFrame) -> pd.Series:
+    """Accuracy per family in FAMILIES order (as :func:`accuracy_by_family`, without the chance level)."""
+    acc = records.groupby("family")["correct"].mean()
+    return acc.loc[[f for f in FAMILIES if f in acc.index]]
+
+
 def avg_rate_interval(records: pd.DataFrame, upper_bound: pd.DataFrame, families: list[str] | None = None, *,
                       level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Paired bootstrap interval of :func:`avg_rate` over the test questions.
@@ -228,10 +242,7 @@ def avg_rate_interval(records: pd.DataFrame, upper_bound: pd.DataFrame, families
     runs of the same model on different test sets. ``families`` restricts the rate (default: all
     families both record sets have). Returns the ``(low, high)`` percentile interval at ``level``.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    check_bootstrap(level, n_boot)
     (per_replicate,) = _family_rate_replicates(records, upper_bound, families, n_boot, np.random.default_rng(seed))
     if np.isnan(per_replicate).all():
         return float("nan"), float("nan")
@@ -281,14 +292,7 @@ def rate_difference_interval(records: pd.DataFrame, other: pd.DataFrame, upper_b
     *difference*, which is much narrower than the two rates' own intervals would suggest (the two
     runs get mostly the same questions right). Returns ``(difference, low, high)``.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    def family_accuracy(r: pd.DataFrame) -> pd.Series:  # per family, in FAMILIES order (as accuracy_by_family)
-        acc = r.groupby("family")["correct"].mean()
-        return acc.loc[[f for f in FAMILIES if f in acc.index]]
-
+    check_bootstrap(level, n_boot)
     ub_acc = family_accuracy(upper_bound)
     if families is not None:
         ub_acc = ub_acc[[f for f in ub_acc.index if f in families]]

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .evaluate import FAMILIES, _family_rate_replicates, avg_rate
+from .evaluate import _family_rate_replicates, avg_rate, check_bootstrap, family_accuracy
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -100,26 +100,18 @@ def _combine(value: float, q_low: float, q_high: float, seed_hw: float) -> tuple
 
 
 def _check(level: float, n_boot: int, **runs: Sequence) -> None:
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    check_bootstrap(level, n_boot)
     for name, seq in runs.items():
         if len(seq) < 1:
             raise ValueError(f"{name} must hold the records of at least one seed, got none")
 
 
-def _family_accuracy(records: pd.DataFrame) -> pd.Series:
-    acc = records.groupby("family")["correct"].mean()
-    return acc.loc[[f for f in FAMILIES if f in acc.index]]
-
-
 def _rate(records: pd.DataFrame, ub_acc: pd.Series) -> float:
-    return avg_rate(_family_accuracy(records), ub_acc)
+    return avg_rate(family_accuracy(records), ub_acc)
 
 
 def _ub_accuracy(upper_bound: pd.DataFrame, families: list[str] | None) -> pd.Series:
-    acc = _family_accuracy(upper_bound)
+    acc = family_accuracy(upper_bound)
     return acc[[f for f in acc.index if families is None or f in families]]
 
 
