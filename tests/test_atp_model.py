@@ -224,7 +224,7 @@ def test_bad_inputs_raise_clear_errors():
     flash = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS)).train()
     flash.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="additive float masks"):
-        flash(**inputs)
+        flash(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
 
 
 def test_has_atp():

@@ -123,7 +123,7 @@ def test_attention_bias_differentiates_the_smooth_keep_value_not_the_pruned_one(
 def test_budget_gradient_reaches_the_thresholds_not_the_scores():
     model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config()).train()
     inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
-    model(**inputs)
+    model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
     budget_loss(model).backward()
     lm = model.model.language_model
     assert float(lm.atp_modules[0].threshold_net.redundancy_head.bias.grad.abs()) > 0

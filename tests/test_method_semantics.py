@@ -81,6 +81,43 @@ def test_answer_tokens_do_not_vote_in_the_cross_modality_score():
     assert kept != set(torch.topk(with_answers, 12).indices.tolist())
 
 
+def test_an_explicit_answer_mask_is_the_same_as_labels():
+    """HF Trainer drops labels with label smoothing or a custom loss; atp_answer_mask says it instead."""
+    config = ATPConfig(module_layers=LAYERS, fixed_keep=(12, 64, 64))
+    model = apply_atp(tiny_llava(attn_implementation="eager"), config)
+    inputs = tiny_inputs(model, prefix_lengths=(3,), prompt_lengths=(9,), seed=3)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -4:] = inputs["input_ids"][:, -4:]
+    kept = {}
+    with torch.no_grad():
+        for name, extra in (("labels", {"labels": labels}), ("mask", {"atp_answer_mask": labels != -100}),
+                            ("neither", {})):
+            model(**inputs, **extra)
+            kept[name] = set(last_atp_record(model).kept_vision_indices[0][0].tolist())
+    assert kept["mask"] == kept["labels"] != kept["neither"]
+
+
+def test_a_training_pass_without_answers_fails_before_any_work():
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS)).train()
+    inputs = tiny_inputs(model, prefix_lengths=(3, 1), prompt_lengths=(5, 6))
+    with pytest.raises(ValueError, match="atp_answer_mask"):
+        model(**inputs)
+    no_answers = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    model(**inputs, atp_answer_mask=no_answers).logits.sum().backward()  # stated explicitly: fine
+    with torch.no_grad():
+        model(**inputs)  # no gradient (evaluation-style pass): nothing to protect
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(1, 3, dtype=torch.bool), "answers", None])
+def test_a_malformed_answer_mask_is_rejected_naming_it(bad):
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS))
+    inputs = tiny_inputs(model, prefix_lengths=(3, 1), prompt_lengths=(5, 6))
+    if bad is None:
+        bad = torch.zeros_like(inputs["input_ids"])  # right shape, not bool
+    with pytest.raises(ValueError, match="atp_answer_mask must be a bool tensor shaped like input_ids"):
+        model(**inputs, atp_answer_mask=bad)
+
+
 def _decide(module: ATPModule, column_sums, vision_weight, prompt_weight, alive, keep_value=None,
             spatial=None):
     length = alive.shape[1]
@@ -247,3 +284,44 @@ def test_non_reentrant_gradient_checkpointing_gives_the_same_gradients():
 def test_reentrant_gradient_checkpointing_is_rejected_with_what_to_do():
     with pytest.raises(ValueError, match=r"use_reentrant=True is not supported.*'use_reentrant': False"):
         _gradients({"use_reentrant": True})
+
+
+PICKLE_CHILD = """
+import pickle, sys, torch
+from atp_repro.atp.tiny import tiny_llava
+tiny_llava()  # transformers registers output capture when a class is first built: unpickled stock models need it too
+model, inputs, expected = pickle.load(open(sys.argv[1], "rb"))
+assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), expected["generated"])
+with torch.no_grad():
+    out = model(**inputs, output_hidden_states=True)
+assert len(out.hidden_states) == len(expected["hidden"])
+assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, expected["hidden"]))
+print("ok")
+"""
+
+
+def test_a_pickled_model_works_in_a_new_process_and_is_independent(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8))).eval()
+    inputs = tiny_inputs(model)
+    # Before any forward: transformers' output-capture hooks, installed by the first forward, cannot be
+    # pickled (the stock LLaVA cannot be pickled after a forward either).
+    blob = pickle.dumps(model)
+    with torch.no_grad():
+        expected = {"generated": model.generate(**inputs, max_new_tokens=5, do_sample=False),
+                    "hidden": model(**inputs, output_hidden_states=True).hidden_states}
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps((pickle.loads(blob), inputs, expected)))
+    # A new process has never seen the ATP class: unpickling must rebuild it (and its output capture).
+    child = subprocess.run([sys.executable, "-c", PICKLE_CHILD, str(path)], capture_output=True, text=True)
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
+
+    twin = pickle.loads(path.read_bytes())[0]
+    assert twin.generate.model is twin
+    with torch.no_grad():
+        twin.lm_head.weight.copy_(torch.roll(twin.lm_head.weight, 1, dims=0))
+    assert not torch.equal(twin.generate(**inputs, max_new_tokens=5, do_sample=False), expected["generated"])
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), expected["generated"])

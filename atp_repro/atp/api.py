@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import types
 from pathlib import Path
 
 import torch
@@ -91,7 +90,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     # closures over this model), so that copy.deepcopy gives an independent, working model.
     model.model.register_forward_pre_hook(_remember_image_tokens, with_kwargs=True)
     model.register_forward_pre_hook(_remember_answers, with_kwargs=True)
-    model.generate = types.MethodType(_atp_generate, model)
+    model.generate = ATPGenerate(model)
     return model
 
 
@@ -102,22 +101,54 @@ def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
     runtime.pending_image_mask = None if input_ids is None else input_ids == runtime.image_token_id
 
 
-def _remember_answers(module: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook of the top model: which tokens are answers (excluded from cross-modality queries)."""
-    labels = kwargs.get("labels")
-    _runtime(module).pending_answer_mask = None if labels is None else labels != -100
+ANSWER_MASK_KWARG = "atp_answer_mask"
 
 
-def _atp_generate(self: nn.Module, *args, **kwargs):
-    """The model class's ``generate``, with the prompt length recorded: without a KV cache, generated
-    tokens are treated as answers and excluded from the cross-modality queries (as at training)."""
-    runtime = _runtime(self)
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
-    try:
-        return type(self).generate(self, *args, **kwargs)
-    finally:
-        runtime.prompt_length = None
+def _remember_answers(module: nn.Module, args, kwargs):
+    """Forward pre-hook of the top model: which tokens are answers (excluded from cross-modality queries).
+
+    An explicit ``atp_answer_mask`` (bool, shaped like ``input_ids``, True at answer tokens) wins and
+    is removed from the forward's arguments; otherwise the answers are the tokens with ``labels`` != -100.
+    """
+    explicit = kwargs.pop(ANSWER_MASK_KWARG, None)
+    if explicit is not None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        shape = tuple(reference.shape[:2]) if reference is not None else None
+        if not isinstance(explicit, torch.Tensor) or explicit.dtype != torch.bool or tuple(explicit.shape) != shape:
+            got = (f"{explicit.dtype} {tuple(explicit.shape)}" if isinstance(explicit, torch.Tensor)
+                   else type(explicit).__name__)
+            raise ValueError(f"{ANSWER_MASK_KWARG} must be a bool tensor shaped like input_ids {shape} "
+                             f"(True at answer tokens), got {got}")
+        answers = explicit
+    else:
+        labels = kwargs.get("labels")
+        answers = None if labels is None else labels != -100
+    _runtime(module).pending_answer_mask = answers
+    return args, kwargs
+
+
+class ATPGenerate:
+    """``model.generate`` after :func:`apply_atp`: the model class's ``generate``, with the prompt length
+    recorded, so that without a KV cache generated tokens are treated as answers and excluded from the
+    cross-modality queries (as at training).
+
+    An object holding its model (not a closure or a bound function), so that ``copy.deepcopy`` and
+    pickling give a copy whose ``generate`` runs the copy.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args, **kwargs):
+        runtime = _runtime(self.model)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
+        try:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        finally:
+            runtime.prompt_length = None
 
 
 def has_atp(model: nn.Module) -> bool:

@@ -10,7 +10,8 @@ average over the batch, the stage counts whose layer average is N_target.
 How the budget is split between modules (choice): every module keeps the same fraction r of the
 tokens alive before it, so stage m holds N_0 r^m tokens, but never fewer than one token per sample
 (min-max normalisation gives the most important live token S_r = 1, which no theta_r < 1 prunes).
-The spatial threshold keeps its initial value. Instance adaptivity is untouched: the threshold is
+The spatial threshold keeps its initial value (with ``criteria="spatial"``, where the spatial rule
+decides alone, it is theta_s that is calibrated instead). Instance adaptivity is untouched: the threshold is
 shared by the batch, but each instance's scores are normalised on their own, so instances keep
 different numbers of tokens.
 """
@@ -87,7 +88,8 @@ def calibrate_thresholds(
     *,
     iterations: int = 24,
 ) -> dict[str, list[float]]:
-    """Set every module's initial theta_r so that ``batch`` keeps the budget's stage counts.
+    """Set every module's initial theta_r (theta_s for ``criteria="spatial"``) so that ``batch`` keeps
+    the budget's stage counts.
 
     Args:
         model: a model with ATP applied (its redundancy heads are shifted through their bias).
@@ -125,7 +127,8 @@ def calibrate_thresholds(
                           stacklevel=2)
         targets = stage_targets(max(n_target, lowest), first_layer_tokens, *layers)
         for m, target in enumerate(targets):
-            bias = lm.atp_modules[m].threshold_net.redundancy_head.bias
+            net = lm.atp_modules[m].threshold_net
+            bias = (net.spatial_head if config.criteria == "spatial" else net.redundancy_head).bias
             lo, hi = _logit(1e-6), _logit(1 - 1e-4)  # kept count falls as the bias rises
             for _ in range(iterations):
                 mid = (lo + hi) / 2

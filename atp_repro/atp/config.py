@@ -23,6 +23,8 @@ SCORE_NORMALISATIONS = ("minmax", "max")
 POSITION_ENCODINGS = ("original", "rope2d", "learned2d")
 SCORING_BACKENDS = ("auto", "eager", "fast")
 INIT_CALIBRATIONS = ("none", "target")
+IMPORTANCES = ("both", "self", "cross")
+CRITERIA = ("both", "redundancy", "spatial")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -66,6 +68,12 @@ class ATPConfig:
             (almost every token kept), ``target`` calibrated on a batch of training samples so that
             step 0 already keeps N_target on average (:func:`atp_repro.atp.calibration.calibrate_thresholds`;
             the training loop applies it, :func:`apply_atp` does not) (choice).
+        importance: which attention importance forms the redundancy score S_r: ``both`` (the mean of
+            the normalised self- and cross-modality importances, the paper's method), ``self`` or
+            ``cross`` alone (the paper's importance ablation).
+        criteria: which pruning criteria decide: ``both`` (a token survives if S_r > theta_r or
+            S_s > theta_s, the paper's method), ``redundancy`` alone (no spatial augmented pruning) or
+            ``spatial`` alone (only the spatial grid rule; the paper's component ablation).
     """
 
     module_layers: tuple[int, ...] = PAPER_MODULE_LAYERS
@@ -87,6 +95,8 @@ class ATPConfig:
     init_spatial_threshold: float = 0.995
     log_mask_eps: float = 1e-6
     init_calibration: str = "none"
+    importance: str = "both"
+    criteria: str = "both"
 
     def __post_init__(self) -> None:
         # Normalise sequences given as lists (e.g. from YAML / JSON) to tuples.
@@ -138,6 +148,12 @@ class ATPConfig:
                 _fail(name, getattr(self, name), "a float in (0, 1)")
         if self.init_calibration not in INIT_CALIBRATIONS:
             _fail("init_calibration", self.init_calibration, f"one of {INIT_CALIBRATIONS}")
+        if self.importance not in IMPORTANCES:
+            _fail("importance", self.importance, f"one of {IMPORTANCES}")
+        if self.criteria not in CRITERIA:
+            _fail("criteria", self.criteria, f"one of {CRITERIA}")
+        if self.fixed_keep is not None and self.criteria == "spatial":
+            _fail("criteria", self.criteria, "'both' or 'redundancy' with fixed_keep (top-k is taken by S_r)")
         if not 0 < self.log_mask_eps < 1:
             _fail("log_mask_eps", self.log_mask_eps, "a float in (0, 1)")
 

@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
 from .attention import ScoreRequest, resolve_scoring_backend, scoring_attention
 from .clock import OverheadClock
@@ -91,6 +91,10 @@ class ATPRuntime:
         """A copy of a model starts without the original's last pass: the record holds graph tensors
         (which cannot be deep-copied) and belongs to the original; pending inputs and cache states too."""
         return ATPRuntime(config=self.config, image_token_id=self.image_token_id)
+
+    def __reduce__(self):
+        """Pickled without the last pass, pending inputs and cache states, as for a deep copy."""
+        return ATPRuntime, (self.config, self.image_token_id)
 
 
 @dataclass
@@ -350,6 +354,13 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
         position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
 
     if image_mask is not None and bool(image_mask.any()):
+        if answer_mask is None and self.training and torch.is_grad_enabled():
+            raise ValueError(
+                "ATP's training pass needs to know the answer tokens, which must not vote in the cross-modality "
+                "score: pass labels= (answers are the tokens with labels != -100) or atp_answer_mask= (bool, "
+                "shaped like input_ids, True at answer tokens; all False if a sample has no answer). HF Trainer "
+                "drops labels from the forward with label smoothing or a custom loss: add atp_answer_mask in the "
+                "data collator")
         hidden = _prefill(self, runtime, inputs_embeds, attention_mask, position_ids, cache, use_cache, image_mask,
                           answer_mask, kwargs)
     else:
@@ -378,10 +389,24 @@ def _reject_reentrant_checkpointing(model) -> None:
 _CLASS_CACHE: dict[type, type] = {}
 
 
+def _restore_atp_language_model(base: type):
+    """Unpickling: an empty instance of the ATP subclass of ``base`` (pickle sets its state next)."""
+    cls = atp_language_model_class(base)
+    model = cls.__new__(cls)
+    _CAN_RECORD_REGISTRY[model] = cls._can_record_outputs  # keyed by class name; a new process lacks it
+    return model
+
+
+def _reduce_ex(self, protocol: int):
+    """The ATP subclass is made at run time and cannot be found by name: pickle it through its base."""
+    return _restore_atp_language_model, (type(self).__bases__[0],), self.__getstate__()
+
+
 def atp_language_model_class(base: type) -> type:
     """The ATP subclass of a Llama-style decoder class (created once per base class)."""
     if base not in _CLASS_CACHE:
         forward = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(
             merge_with_config_defaults(capture_outputs(_atp_forward)))
-        _CLASS_CACHE[base] = type(f"ATP{base.__name__}", (base,), {"forward": forward, "__doc__": __doc__})
+        _CLASS_CACHE[base] = type(f"ATP{base.__name__}", (base,),
+                                  {"forward": forward, "__doc__": __doc__, "__reduce_ex__": _reduce_ex})
     return _CLASS_CACHE[base]

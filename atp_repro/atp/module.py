@@ -7,6 +7,7 @@ without a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class ATPModule(nn.Module):
         self.ste_temperature = config.ste_temperature
         self.normalisation = config.score_normalisation
         self.quantiles = config.threshold_quantiles
+        self.importance = config.importance
+        self.criteria = config.criteria
         self.threshold_net = ThresholdNetwork(
             num_threshold_features(config.threshold_quantiles),
             config.threshold_hidden,
@@ -82,21 +85,26 @@ class ATPModule(nn.Module):
         # Self- and cross-modality scores travel stacked, (B, 2, L): one op serves both.
         importance = modality_importances(column_sums, vision_weight, prompt_weight)
         normalised = normalise_scores(importance, alive[:, None], self.normalisation)
-        redundancy = redundancy_score(normalised[:, 0], normalised[:, 1])
+        redundancy = redundancy_score(normalised[:, 0], normalised[:, 1], self.importance)
         kept_fraction = alive.sum(-1).float() / initial_count
         # The threshold network reads the score distribution, not the scores' gradient path.
         features = threshold_features(normalised.detach(), alive, kept_fraction, self.quantiles)
         theta_r, theta_s = self.threshold_net(features)
 
+        # A criterion switched off (component ablation) decides on scores no threshold passes: its
+        # mask is exactly 0 and it sends no gradient to its threshold.
+        never = torch.full_like(redundancy, -math.inf)
+        by_redundancy = never if self.criteria == "spatial" else redundancy
+        by_spatial = never if self.criteria == "redundancy" else spatial
         surrogate = None
         if self.fixed_keep is not None:
             keep = top_k_keep(redundancy, alive, self.fixed_keep)
             mask = keep.float()
         else:
-            keep = hard_keep(redundancy, spatial, theta_r, theta_s, alive)
+            keep = hard_keep(by_redundancy, by_spatial, theta_r, theta_s, alive)
             mask = None
             if keep_value is not None:
-                mask, surrogate = keep_mask(redundancy, spatial, theta_r, theta_s, self.temperature,
+                mask, surrogate = keep_mask(by_redundancy, by_spatial, theta_r, theta_s, self.temperature,
                                             self.ste_temperature)
         new_keep_value = new_surrogate = None
         if keep_value is not None:

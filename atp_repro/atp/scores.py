@@ -192,9 +192,16 @@ def normalise_scores(scores: torch.Tensor, valid: torch.Tensor, method: str = "m
     return torch.where(valid, out, torch.zeros_like(out))
 
 
-def redundancy_score(self_norm: torch.Tensor, cross_norm: torch.Tensor) -> torch.Tensor:
-    """S_r: the mean of the two normalised importances (high = important, kept)."""
-    return 0.5 * (self_norm + cross_norm)
+def redundancy_score(self_norm: torch.Tensor, cross_norm: torch.Tensor, importance: str = "both") -> torch.Tensor:
+    """S_r (high = important, kept): the mean of the two normalised importances, or one of them alone
+    (``importance`` = ``self`` / ``cross``, the importance ablation)."""
+    if importance == "both":
+        return 0.5 * (self_norm + cross_norm)
+    if importance == "self":
+        return self_norm
+    if importance == "cross":
+        return cross_norm
+    raise ValueError(f"importance must be one of ('both', 'self', 'cross'), got {importance!r}")
 
 
 def masked_quantiles(values: torch.Tensor, valid: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:

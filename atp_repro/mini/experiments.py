@@ -70,6 +70,11 @@ VARIANTS: dict[str, Variant] = {
     "T_10_plain": Variant(144, False, (("temperature", 10.0), ("ste_temperature", None)), "T=10, soft masks"),
     "pe_original": Variant(144, False, (("position_encoding", "original"),), "1-D original position ids"),
     "pe_rope2d": Variant(144, False, (("position_encoding", "rope2d"),), "2-D rotary for vision tokens"),
+    # the paper's component ablations (reference: trainable_144, which uses both of each)
+    "redundancy_only": Variant(144, False, (("criteria", "redundancy"),), "no spatial augmented pruning"),
+    "spatial_only": Variant(144, False, (("criteria", "spatial"),), "spatial augmented pruning alone"),
+    "self_only": Variant(144, False, (("importance", "self"),), "S_r from self-modality importance alone"),
+    "cross_only": Variant(144, False, (("importance", "cross"),), "S_r from cross-modality importance alone"),
 }
 
 

@@ -232,11 +232,18 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
     return model, tok, RunInfo("upper_bound", folder, status, manifest)
 
 
+COMPONENT_FIELDS = ("importance", "criteria")  # ATPConfig switches of the component ablation
+
+
 def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> dict:
+    atp = _asdict(atp_cfg)
+    for name in COMPONENT_FIELDS:  # at the method's default they stay out of the key (older artifacts keep theirs)
+        if atp.get(name) == "both":
+            atp.pop(name)
     spec = {
         "kind": "atp",
         "parent": spec_hash(upper_bound_spec(world)),
-        "atp": _asdict(atp_cfg),
+        "atp": atp,
         "train": _asdict(train_cfg),
         "atp_init": "seeded",  # ATP modules initialised from train_cfg.seed (earlier: the global RNG)
         # Straight-through surrogate of the criteria's union, reaching the thresholds only (earlier:
