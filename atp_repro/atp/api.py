@@ -95,10 +95,26 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
 
 
 def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook of the LLaVA model: where the image tokens are (read by the ATP decoder)."""
+    """Forward pre-hook of the LLaVA model: where the image tokens are (read by the ATP decoder).
+
+    As in the stock model, image-token ids are an image only when pixel values (or encoded images,
+    ``mm_encoder_outputs``) come with them (else, e.g. a generated token that equals the id, they are
+    text), and without ``input_ids`` the image positions are those whose embedding equals the image
+    token's.
+    """
     runtime = module.language_model._atp_runtime
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    runtime.pending_image_mask = None if input_ids is None else input_ids == runtime.image_token_id
+    embeds = kwargs.get("inputs_embeds")
+    reference = input_ids if input_ids is not None else embeds
+    if reference is None:
+        runtime.pending_image_mask = None
+    elif kwargs.get("pixel_values") is None and (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
+        runtime.pending_image_mask = torch.zeros(reference.shape[:2], dtype=torch.bool, device=reference.device)
+    elif input_ids is not None:
+        runtime.pending_image_mask = input_ids == runtime.image_token_id
+    else:
+        token = torch.tensor(runtime.image_token_id, dtype=torch.long, device=embeds.device)
+        runtime.pending_image_mask = (embeds == module.get_input_embeddings()(token)).all(-1)
 
 
 ANSWER_MASK_KWARG = "atp_answer_mask"

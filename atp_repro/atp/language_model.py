@@ -125,25 +125,22 @@ class _Sequence:
 
 
 def _vision_layout(image_mask: torch.Tensor, valid: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Validate one contiguous, equally sized image span per sample; return V, grid index, span end."""
+    """Validate one contiguous, equally sized image span per sample with an image; return V, grid index,
+    span end (-1 for a text-only sample, whose tokens all pass through unpruned)."""
     counts = image_mask.sum(-1)
-    missing = torch.nonzero(counts == 0).flatten().tolist()
-    if missing:
-        raise ValueError(
-            f"ATP needs an image token span in every sample of the batch; sample(s) {missing} have none. "
-            "Pass an image per sample, or run a model without ATP for text-only inputs."
-        )
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"ATP needs the same number of image tokens per sample; got {counts.tolist()}")
+    with_image = counts > 0
+    num_vision = int(counts.max())
+    if not bool((counts[with_image] == num_vision).all()):
+        raise ValueError(f"ATP needs the same number of image tokens per sample with an image; got {counts.tolist()}")
     positions = torch.arange(image_mask.shape[-1], device=image_mask.device)
     first = torch.where(image_mask, positions, image_mask.shape[-1]).amin(-1)
     last = torch.where(image_mask, positions, -1).amax(-1)
-    if not bool((last - first + 1 == counts).all()):
+    if not bool((last - first + 1 == counts)[with_image].all()):
         raise ValueError("ATP needs one contiguous image token span per sample (multi-image inputs are not supported)")
     if bool((image_mask & ~valid).any()):
         raise ValueError("attention_mask marks image tokens as padding")
     grid_index = torch.where(image_mask, torch.cumsum(image_mask.long(), -1) - 1, -1)
-    return int(counts[0]), grid_index, last
+    return num_vision, grid_index, last
 
 
 def _vision_columns(is_vision: torch.Tensor) -> slice:
@@ -178,7 +175,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     cos, sin = model.rotary_emb(embeds, position_ids=position_ids)
     seq = _Sequence(embeds, position_ids, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), valid, grid_index,
                     is_prompt, positions.expand(batch, -1))
-    image_start = torch.gather(position_ids, 1, (image_end - num_vision + 1)[:, None]).squeeze(1)
+    # (a text-only sample has no image start; its index is clamped, the value is never used)
+    image_start = torch.gather(position_ids, 1, (image_end - num_vision + 1).clamp_min(0)[:, None]).squeeze(1)
     mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
                               position_ids=position_ids)
 
@@ -193,7 +191,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     use_eager = resolve_scoring_backend(cfg.scoring_backend, model.config._attn_implementation)
     spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).to(device)
     module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
-    stage_counts = [torch.full((batch,), float(num_vision), device=device)]
+    stage_counts = [image_mask.sum(-1).float()]  # N_0 per sample (0 for a text-only sample)
     kept, thresholds, redundancy, stages = [], [], [], []
     self_scores, cross_scores, layouts = [], [], []
     clock = OverheadClock(device)
@@ -300,6 +298,7 @@ def _scatter_back(hidden: torch.Tensor, seq: _Sequence, length: int) -> torch.Te
 
 
 def _decode(model, state: _PrunedCacheState, embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    """Tokens after a pruned prefill (or a text-only input: no stages), through every layer's stage mask."""
     if state.soft:
         raise RuntimeError("generation after a train()-mode (soft mask) prefill is not supported; call model.eval()")
     batch, q_len, _ = embeds.shape
@@ -353,6 +352,7 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
 
+    continuing = cache is not None and cache.get_seq_length() > 0
     if image_mask is not None and bool(image_mask.any()):
         if answer_mask is None and self.training and torch.is_grad_enabled():
             raise ValueError(
@@ -364,11 +364,17 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
         hidden = _prefill(self, runtime, inputs_embeds, attention_mask, position_ids, cache, use_cache, image_mask,
                           answer_mask, kwargs)
     else:
-        state = runtime.cache_states.get(cache) if cache is not None else None
+        # No image in this input: decoding after a prefill (a generated token equal to the image-token id is
+        # text, as in the stock model: images come with pixel values), or a text-only input, which runs as
+        # the stock decoder would (nothing to prune).
+        state = runtime.cache_states.get(cache) if continuing else None
         if state is None:
-            raise ValueError(
-                "ATP needs an image token span in the input (no image tokens were found and no pruned cache "
-                "from an earlier prefill was given)")
+            if continuing:
+                raise ValueError("ATP continues only a cache it filled itself (from a prefill of this model)")
+            state = _PrunedCacheState(prefill_length=0, stages=[], soft=False)
+            runtime.record = None  # nothing was pruned: no record of a pass with images
+            if cache is not None:
+                runtime.cache_states[cache] = state
         hidden = _decode(self, state, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
     return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 

@@ -53,7 +53,16 @@ def budget_terms(
     lambda_atp: float,
     lambda_target: float,
 ) -> dict[str, torch.Tensor]:
-    """All budget terms from (B, M + 1) soft stage counts (differentiable)."""
+    """All budget terms from (B, M + 1) soft stage counts (differentiable).
+
+    Text-only samples (N_0 = 0, nothing to prune) are left out; a batch without any image has no budget
+    terms (zeros)."""
+    with_image = stage_counts[:, 0] > 0
+    if not bool(with_image.all()):
+        if not bool(with_image.any()):
+            zero = stage_counts.sum() * 0.0
+            return {"l_atp": zero, "l_target": zero, "budget_loss": zero}
+        stage_counts = stage_counts[with_image]
     l_atp = depth_weighted_kept_fraction(
         stage_counts[:, 1:], float(stage_counts[0, 0].detach()), module_layers, num_layers
     )
