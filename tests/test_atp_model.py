@@ -195,6 +195,16 @@ def test_save_and_load_round_trip(tmp_path):
         for parameter in atp_parameters(model):
             parameter.add_(0.01 * torch.randn_like(parameter))
     save_atp_pretrained(model, tmp_path)
+    # The LLaVA checkpoint is the stock one: a stock load finds exactly its own keys, nothing unexpected.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert not any("atp_modules" in k for k in saved)
+    stock_keys = set(tiny_llava().state_dict())
+    assert {k for k in model.state_dict() if "atp_modules" not in k} == stock_keys
+    stock = LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)[1]
+    assert not stock["unexpected_keys"] and not stock["missing_keys"]
     loaded = load_atp_pretrained(tmp_path, LlavaForConditionalGeneration).eval()
     inputs = tiny_inputs(model)
     with torch.no_grad():

@@ -134,3 +134,18 @@ def test_the_budget_loss_ignores_text_only_samples():
     assert torch.isfinite(terms["budget_loss"]) and float(terms["budget_loss"]) == float(alone["budget_loss"])
     none = budget_terms(counts[1:], LAYERS, 6, 20.0, 0.1, 0.2)["budget_loss"]
     assert float(none) == 0.0
+
+
+def test_remaining_limitations_fail_with_a_message_naming_the_alternative():
+    from transformers import StaticCache
+
+    _, atp = _pair()
+    inputs = tiny_inputs(atp, prefix_lengths=(3,), prompt_lengths=(6,))
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        custom = {**inputs, "attention_mask": torch.ones(1, 1, length, length)}
+        with pytest.raises(ValueError, match="2-D .* padding attention_mask"):
+            atp(**custom)
+        static = StaticCache(config=atp.config.text_config, max_cache_len=length + 8)
+        with pytest.raises(TypeError, match="needs a DynamicCache"):
+            atp(**inputs, cache=static, use_cache=True)

@@ -85,6 +85,10 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     _CAN_RECORD_REGISTRY[lm] = lm._can_record_outputs
     runtime = ATPRuntime(config=config, image_token_id=int(image_token_id))
     lm._atp_runtime = runtime
+    # save_pretrained writes the stock checkpoint (a stock from_pretrained loads it without unexpected
+    # keys); the ATP modules live in their own files beside it (save_atp / save_atp_pretrained).
+    atp_keys = {name for name in model.state_dict() if ".atp_modules." in f".{name}"}
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | atp_keys
 
     # Hooks and the generate wrapper find the runtime through the module they are called on (no
     # closures over this model), so that copy.deepcopy gives an independent, working model.
@@ -235,7 +239,8 @@ def load_atp(model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 def save_atp_pretrained(model: nn.Module, directory: str | Path) -> None:
-    """``model.save_pretrained`` plus the ATP files; reload with :func:`load_atp_pretrained`."""
+    """``model.save_pretrained`` (the stock checkpoint: a stock ``from_pretrained`` loads it as the stock
+    model) plus the ATP files beside it; reload with :func:`load_atp_pretrained`."""
     model.save_pretrained(directory)
     save_atp(model, directory)
 
