@@ -285,3 +285,17 @@ def _verify(parser: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+@subcommand("install-git-filter", help="configure the nbstripout git filter in this clone (make hooks)")
+def _install_git_filter(parser: argparse.ArgumentParser) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import git_filter
+
+        if git_filter.install():
+            print("nbstripout git filter configured: notebooks are committed without outputs")
+        else:
+            print(f"nbstripout git filter not configured: {git_filter.skip_reason()}")
+        return 0
+
+    return run
