@@ -84,8 +84,9 @@ smoke: $(STAMP) ## execute every notebook with notebooks/params/smoke/* into bui
 nbval: $(STAMP) ## nbval (lax) over the smoke-executed notebooks
 	$(VPY) -m pytest $(NBVAL) $(SMOKE)
 
-lab: $(STAMP) ## JupyterLab on the notebooks
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+lab: $(STAMP) ## JupyterLab at the repository root, opened on index.ipynb (notebooks, tables, figures, run times)
+	$(VPY) -m atp_repro index
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/index.ipynb
 
 lint: $(STAMP) ## ruff check (code and notebooks)
 	$(VPY) -m ruff check .

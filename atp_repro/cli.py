@@ -338,3 +338,20 @@ def _claims_summary(parser: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+@subcommand("index", help="write index.ipynb: every notebook with its tables, figures and run times (make lab)")
+def _index(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("--record-times", choices=["cold", "warm"], default=None,
+                        help="first store the run times of the last make reproduce (tables/*.provenance.json) "
+                        "as the cold- or warm-cache times of docs/notebook_run_times.csv")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import index
+
+        if args.record_times:
+            print(f"wrote {index.record_run_times(args.record_times)}")
+        print(f"wrote {index.write_index()}")
+        return 0
+
+    return run
