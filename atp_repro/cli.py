@@ -177,7 +177,7 @@ def _run_profile(args: argparse.Namespace, profile: str) -> int:
     total = sum(r.seconds for r in results)
     print(
         f"{profile}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-        f"({total:.1f} s); executed copies in {nr.executed_dir(profile)}"
+        f"({nr.format_seconds(total)}); executed copies in {nr.executed_dir(profile)}"
     )
     summary_ok = _summarise_claims({j.parameters[nr.OUTPUT_DIR_PARAM] for j in jobs})
     return 1 if counts["failed"] or not summary_ok else 0
