@@ -41,7 +41,7 @@ STAMP  := $(VENV)/.atp-repro-installed
 SMOKE  := build/notebooks/smoke
 NBVAL  := --nbval-lax --nbval-current-env -p no:cacheprovider
 
-.PHONY: help venv reproduce verify test test-all test-unit smoke nbval lab lint format clean distclean
+.PHONY: help venv hooks reproduce verify test test-all test-unit smoke nbval lab lint format clean distclean
 
 help: ## list the targets
 	@echo "atp-repro make targets:"
@@ -53,9 +53,13 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "atp-repro needs Python >= 3.10, found " + sys.version.split()[0] + " (set PYTHON=...)")'
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	DS_BUILD_OPS=0 $(VPY) -m pip install $(PIP_ARGS) '$(TORCH_SPEC)' -e '.[$(EXTRAS)]'
+	$(VPY) -m atp_repro install-git-filter
 	@touch $(STAMP)
 
-venv: $(STAMP) ## create/update the virtual environment (.venv)
+venv: $(STAMP) ## create/update the virtual environment (.venv) and the nbstripout git filter
+
+hooks: $(STAMP) ## (re)configure the nbstripout git filter: notebooks are committed without outputs
+	$(VPY) -m atp_repro install-git-filter
 
 reproduce: $(STAMP) ## run every notebook with the committed mini-world defaults; writes tables/ and figures/
 	$(VPY) -m atp_repro reproduce --jobs $(JOBS)
@@ -80,8 +84,9 @@ smoke: $(STAMP) ## execute every notebook with notebooks/params/smoke/* into bui
 nbval: $(STAMP) ## nbval (lax) over the smoke-executed notebooks
 	$(VPY) -m pytest $(NBVAL) $(SMOKE)
 
-lab: $(STAMP) ## JupyterLab on the notebooks
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+lab: $(STAMP) ## JupyterLab at the repository root, opened on index.ipynb (notebooks, tables, figures, run times)
+	$(VPY) -m atp_repro index
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/index.ipynb
 
 lint: $(STAMP) ## ruff check (code and notebooks)
 	$(VPY) -m ruff check .

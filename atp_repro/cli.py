@@ -177,9 +177,28 @@ def _run_profile(args: argparse.Namespace, profile: str) -> int:
     total = sum(r.seconds for r in results)
     print(
         f"{profile}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-        f"({total:.1f} s); executed copies in {nr.executed_dir(profile)}"
+        f"({nr.format_seconds(total)}); executed copies in {nr.executed_dir(profile)}"
     )
-    return 1 if counts["failed"] else 0
+    summary_ok = _summarise_claims({j.parameters[nr.OUTPUT_DIR_PARAM] for j in jobs})
+    return 1 if counts["failed"] or not summary_ok else 0
+
+
+def _summarise_claims(output_dirs: set[Any]) -> bool:
+    """Write the claims summary of each output folder's tables/; False if a claims file is bad."""
+    from atp_repro import claims_summary, paths
+
+    ok = True
+    for output_dir in sorted(output_dirs, key=str):
+        tables = paths.output_root(output_dir) / "tables"
+        try:
+            written = claims_summary.write_summary(tables)
+        except claims_summary.ClaimsFileError as err:
+            print(f"claims summary: error: {err}", file=sys.stderr)
+            ok = False
+            continue
+        if written:
+            print(f"claims summary: {claims_summary.count_line(claims_summary.collect(tables))} -> {written[0]}")
+    return ok
 
 
 @subcommand("run-notebooks", help="execute the notebooks with a parameter profile (papermill)")
@@ -282,6 +301,57 @@ def _verify(parser: argparse.ArgumentParser) -> Handler:
             print(f"verify: {len(differences)} difference(s) from the committed results", file=sys.stderr)
             return 1
         print("verify: every result file matches the committed manifest (timings excluded)")
+        return 0
+
+    return run
+
+
+@subcommand("install-git-filter", help="configure the nbstripout git filter in this clone (make hooks)")
+def _install_git_filter(parser: argparse.ArgumentParser) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import git_filter
+
+        if git_filter.install():
+            print("nbstripout git filter configured: notebooks are committed without outputs")
+        else:
+            print(f"nbstripout git filter not configured: {git_filter.skip_reason()}")
+        return 0
+
+    return run
+
+
+@subcommand("claims-summary", help="collect every tables/*.claims.csv into tables/claims_summary.md (and .csv)")
+def _claims_summary(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("--tables", default=None,
+                        help="folder holding the *.claims.csv files, from the repo root (default: tables)")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import claims_summary, paths
+
+        tables = paths.resolve(args.tables) if args.tables else paths.repo_root() / "tables"
+        if not tables.is_dir():
+            raise FileNotFoundError(f"--tables={args.tables}: no such folder ({tables})")
+        written = claims_summary.write_summary(tables)
+        if not written:
+            raise FileNotFoundError(f"--tables: no *.claims.csv files in {tables}")
+        print(f"{claims_summary.count_line(claims_summary.collect(tables))}; wrote {', '.join(map(str, written))}")
+        return 0
+
+    return run
+
+
+@subcommand("index", help="write index.ipynb: every notebook with its tables, figures and run times (make lab)")
+def _index(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("--record-times", choices=["cold", "warm"], default=None,
+                        help="first store the run times of the last make reproduce (tables/*.provenance.json) "
+                        "as the cold- or warm-cache times of docs/notebook_run_times.csv")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro import index
+
+        if args.record_times:
+            print(f"wrote {index.record_run_times(args.record_times)}")
+        print(f"wrote {index.write_index()}")
         return 0
 
     return run

@@ -29,7 +29,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +58,10 @@ __all__ = [
 
 OUTPUT_DIR_PARAM = "output_dir"
 KERNEL_NAME = "python3"
+# The kernel's own log (not the cells' output, which goes to the executed notebook): only errors.
+# Its warnings are noise here, e.g. "Kernel is running over TCP without encryption" on every start
+# (the kernel listens on localhost only).
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,7 @@ def execute_job(
             progress_bar=False,
             log_output=log_output,
             execution_timeout=cell_timeout,
+            extra_arguments=list(KERNEL_ARGUMENTS),
         )
     except Exception as err:  # papermill raises PapermillExecutionError, NoSuchKernel, ...
         summary = str(err).strip().splitlines()
@@ -312,19 +317,25 @@ def run_notebooks(
         if job.skip_reason:
             echo(f"[skip] {job.name}: {job.skip_reason}")
     kwargs = {"cell_timeout": cell_timeout, "log_output": log_output}
-    results: list[NotebookResult] = []
+    runnable = [i for i, job in enumerate(jobs) if not job.skip_reason]
+    label = {i: f"[{n}/{len(runnable)}]" for n, i in enumerate(runnable, 1)}
+    start = time.perf_counter()
+    results: dict[int, NotebookResult] = {}
     if jobs_in_parallel > 1:
+        echo(f"running {len(runnable)} notebooks, {jobs_in_parallel} at a time")
         with ProcessPoolExecutor(max_workers=jobs_in_parallel) as pool:
-            futures = [pool.submit(execute_job, job, **kwargs) for job in jobs]
-            for fut in futures:
-                results.append(_report(fut.result(), echo))
+            futures = {pool.submit(execute_job, job, **kwargs): i for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                results[i] = _report(fut.result(), echo, label.get(i, ""), time.perf_counter() - start)
     else:
-        for job in jobs:
+        for i, job in enumerate(jobs):
             if not job.skip_reason:
-                echo(f"[run ] {job.name} ({job.profile}) -> {_rel(job.output)}")
-            results.append(_report(execute_job(job, **kwargs), echo))
-    _write_summary(results)
-    return results
+                echo(f"{label[i]} {job.name}: starting ({job.profile} -> {_rel(job.output)})")
+            results[i] = _report(execute_job(job, **kwargs), echo, label.get(i, ""), time.perf_counter() - start)
+    ordered = [results[i] for i in range(len(jobs))]
+    _write_summary(ordered)
+    return ordered
 
 
 def _rel(path: Path) -> str:
@@ -332,11 +343,20 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def _report(result: NotebookResult, echo: Any) -> NotebookResult:
+def format_seconds(seconds: float) -> str:
+    """``12.3 s`` under a minute, else ``4 min 05 s``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec:02d} s"
+
+
+def _report(result: NotebookResult, echo: Any, label: str, elapsed: float) -> NotebookResult:
+    took, total = format_seconds(result.seconds), format_seconds(elapsed)
     if result.status == "ok":
-        echo(f"[ ok ] {result.job.name}: {result.seconds:.1f} s")
+        echo(f"{label} {result.job.name}: ok in {took} (elapsed {total})")
     elif result.status == "failed":
-        echo(f"[FAIL] {result.job.name}: {result.seconds:.1f} s\n       {result.error}")
+        echo(f"{label} {result.job.name}: FAILED after {took} (elapsed {total})\n       {result.error}")
         echo(f"       executed copy with the traceback: {_rel(result.job.output)}")
     return result
 

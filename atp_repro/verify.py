@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import paths
+from . import claims_summary, paths
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_VERSION = 1
@@ -41,6 +41,9 @@ TIMING_CLAIM = re.compile(r"wall-time|cheaper|faster|as fast|speeds? up|prefill 
                           r"t\(atp|train within", re.IGNORECASE)
 # Columns of a claims file that are compared (for the claims not decided by a timing).
 CLAIM_COLUMNS = ("claim", "verdict", "evidence")
+# Generated from the claims files (atp_repro.claims_summary): not listed in the manifest; verify
+# checks instead that they match the claims files on disk.
+DERIVED_FILES = frozenset({claims_summary.SUMMARY_CSV, claims_summary.SUMMARY_MD})
 
 
 @dataclass
@@ -79,7 +82,9 @@ def _digest(df: pd.DataFrame) -> str:
 
 
 def result_files(root: Path) -> list[Path]:
-    return sorted((root / "tables").glob("*.csv"))
+    """The result CSVs the manifest covers: every ``tables/*.csv`` but the claims summary, which
+    only collects the claims files (checked against them instead, see :func:`verify`)."""
+    return sorted(p for p in (root / "tables").glob("*.csv") if p.name not in DERIVED_FILES)
 
 
 def build_manifest(root: Path | None = None) -> dict[str, Any]:
@@ -161,4 +166,11 @@ def verify(root: Path | None = None, manifest_path: Path | None = None) -> list[
         rel = path.relative_to(root).as_posix()
         if rel not in manifest["files"]:
             out.append(Difference(rel, "file", "absent from the manifest", "present"))
+    try:
+        stale = claims_summary.stale_files(root / "tables")
+    except claims_summary.ClaimsFileError as err:
+        stale, out = [], [*out, Difference("tables/*.claims.csv", "format", "valid claims files", str(err))]
+    for name in stale:
+        out.append(Difference(f"tables/{name}", "content", "generated from the claims files",
+                              "stale (run 'atp-repro claims-summary')"))
     return out

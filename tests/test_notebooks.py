@@ -183,3 +183,34 @@ def test_table1_notebook_is_deterministic(repo_root: Path, tmp_path: Path) -> No
     for name in names:
         if not name.endswith(".provenance.json"):
             assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def test_runner_prints_progress_and_no_kernel_noise(fake_repo: Path, notebook_factory, capfd) -> None:
+    """Which notebook starts (i of N), how long it took and the elapsed time; the kernel's own
+    start-up warnings (e.g. "running over TCP without encryption") stay out of the output."""
+    notebook_factory(fake_repo / "notebooks" / "a.ipynb")
+    notebook_factory(fake_repo / "notebooks" / "b.ipynb", body=("1 / 0",))
+    lines: list[str] = []
+    results = nr.run_notebooks(nr.plan_runs("smoke"), echo=lines.append)
+    assert [r.status for r in results] == ["ok", "failed"]
+    assert lines[0] == "[1/2] a: starting (smoke -> build/notebooks/smoke/a.ipynb)"
+    assert re.fullmatch(r"\[1/2\] a: ok in \d+\.\d s \(elapsed \d+\.\d s\)", lines[1])
+    assert lines[2].startswith("[2/2] b: starting")
+    assert re.match(r"\[2/2\] b: FAILED after \d+\.\d s \(elapsed \d+\.\d s\)\n.*ZeroDivisionError", lines[3], re.S)
+    captured = capfd.readouterr()
+    assert "IPKernelApp" not in captured.err + captured.out
+
+
+def test_format_seconds() -> None:
+    assert nr.format_seconds(4.26) == "4.3 s"
+    assert nr.format_seconds(245.4) == "4 min 05 s"
+
+
+def test_parallel_runner_reports_each_notebook_and_keeps_the_order(fake_repo: Path, notebook_factory) -> None:
+    for name in ("a", "b"):
+        notebook_factory(fake_repo / "notebooks" / f"{name}.ipynb")
+    lines: list[str] = []
+    results = nr.run_notebooks(nr.plan_runs("smoke"), jobs_in_parallel=2, echo=lines.append)
+    assert [(r.job.name, r.status) for r in results] == [("a", "ok"), ("b", "ok")]
+    assert lines[0] == "running 2 notebooks, 2 at a time"
+    assert sorted(line.split(":")[0] for line in lines[1:]) == ["[1/2] a", "[2/2] b"]

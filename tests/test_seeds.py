@@ -109,3 +109,20 @@ def test_seed_intervals_reject_empty_runs_and_bad_levels():
         rate_over_seeds([_records([True])], _records([True]), level=95)
     with pytest.raises(ValueError, match="a and b"):
         value_difference_over_seeds([], [1.0])
+
+
+def test_bootstrap_replicates_without_a_rate_are_nan_without_warnings() -> None:
+    """A family the upper bound gets right once in 40: most replicates have no rate (NaN), quietly."""
+    import warnings
+
+    from atp_repro.mini.evaluate import avg_rate_interval, rate_difference_interval
+
+    ub = _records([1] + [0] * 39)
+    run, other = _records([1] * 40), _records([0] * 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        low, high = avg_rate_interval(run, ub, n_boot=200)
+        diff, d_low, d_high = rate_difference_interval(run, other, ub, n_boot=200)
+        all_nan = rate_difference_interval(run, other, _records([0] * 40), n_boot=50)
+    assert np.isfinite([low, high, diff, d_low, d_high]).all() and low <= high and d_low <= diff <= d_high
+    assert np.isnan(all_nan[1]) and np.isnan(all_nan[2])  # no replicate has a rate

@@ -15,6 +15,8 @@ Definitions (README, "Interpretations"):
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,8 +280,18 @@ def _family_rate_replicates(records: pd.DataFrame, upper_bound: pd.DataFrame, fa
             acc_a = s.loc[ids, "correct"].to_numpy(dtype=float)[draw].mean(1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 rates[k].append(np.where(acc_b > 0, acc_a / acc_b, np.nan))
-    with np.errstate(all="ignore"):
+    with _all_nan_replicates_allowed():
         return [np.nanmean(np.stack(r), axis=0) for r in rates]
+
+
+@contextmanager
+def _all_nan_replicates_allowed():
+    """A replicate in which the upper bound gets no redrawn question of any family right has no rate
+    (NaN, left out of the interval). numpy warns about it ("Mean of empty slice", "All-NaN slice
+    encountered"; np.errstate does not cover these); only these two warnings are silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Mean of empty slice|All-NaN slice encountered", RuntimeWarning)
+        yield
 
 
 def rate_difference_interval(records: pd.DataFrame, other: pd.DataFrame, upper_bound: pd.DataFrame,
@@ -299,7 +311,7 @@ def rate_difference_interval(records: pd.DataFrame, other: pd.DataFrame, upper_b
     diff = avg_rate(family_accuracy(records), ub_acc) - avg_rate(family_accuracy(other), ub_acc)
     a, b = _family_rate_replicates(records, upper_bound, families, n_boot, np.random.default_rng(seed), (other,))
     tail = 100 * (1 - level) / 2
-    with np.errstate(all="ignore"):
+    with _all_nan_replicates_allowed():
         low, high = np.nanpercentile(a - b, [tail, 100 - tail])
     return float(diff), float(low), float(high)
 
