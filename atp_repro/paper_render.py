@@ -203,12 +203,22 @@ def wide_tables(
         ]
         main.append(pd.DataFrame.from_records(records, columns=["", *cols]))
     extra = []
-    for cols, rows in extra_blocks.items():
-        records = [{"": r, **{c: fixed_text(cells[(r, c)].this_run, col_dec.get(c)) for c in cols}} for r in rows]
+    for cols, rows in _merge_subsets(extra_blocks).items():
+        records = [{"": r, **{c: fixed_text(cells[(r, c)].this_run, col_dec.get(c)) if (r, c) in cells else MISSING
+                              for c in cols}} for r in rows]
         records = [rec for rec in records if any(rec[c] != MISSING for c in cols)]
         if records:
             extra.append(_fold_intervals(pd.DataFrame.from_records(records, columns=["", *cols])))
     return main, extra
+
+
+def _merge_subsets(blocks: dict[tuple[str, ...], list[str]]) -> dict[tuple[str, ...], list[str]]:
+    """Rows whose columns are a subset of another block's join that block (its cells left empty)."""
+    merged: dict[tuple[str, ...], list[str]] = {}
+    for cols, rows in blocks.items():
+        home = next((k for k in blocks if k != cols and set(cols) < set(k)), cols)
+        merged.setdefault(home, []).extend(rows)
+    return merged
 
 
 def _pair_text(cell: Any, decimals: int | None, comparable: bool) -> str:

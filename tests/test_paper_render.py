@@ -114,3 +114,13 @@ def test_committed_long_tables_are_rendered_wide(csv: Path) -> None:
     assert "| row | column |" not in md
     paper_columns = list(dict.fromkeys(df.loc[df.paper != "", "column"]))
     assert any(line.startswith("|  | " + " | ".join(paper_columns[:2])) for line in md.splitlines()), csv.name
+
+
+def test_rows_with_fewer_run_only_cells_join_the_larger_table() -> None:
+    table = pd.DataFrame({"row": ["U", "A", "A", "U", "A"], "column": ["Rate", "Rate", "Spatial", "Spatial", "SD"],
+                          "unit": ["%"] * 2 + [""] * 3, "scale": ["mini"] * 5, "paper": [100.0, 98.0, None, None, None],
+                          "this_run": [100.0, 80.123, 46.47, 57.8, 2.6], "match": [True, False, None, None, None]})
+    main, extra = pr.wide_tables(table)
+    assert main[0].to_dict("records") == [{"": "U", "Rate": "100 / 100 ✓"}, {"": "A", "Rate": "98 / 80.1 ✗"}]
+    assert extra[0].to_dict("records") == [{"": "U", "Spatial": "57.8", "SD": "–"},
+                                           {"": "A", "Spatial": "46.5", "SD": "2.6"}]
