@@ -12,6 +12,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def prefill_time_bars(comparison: pd.DataFrame, time_column: str = "CUDA Time (m
     use_style()
     cell = comparison.set_index(["row", "column"])
     rows = list(dict.fromkeys(comparison.loc[comparison.column == time_column, "row"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, side, title, color in ((axes[0], "paper", "paper (A100, CUDA ms)", PAPER_COLOR),
                                    (axes[1], "this_run", "this run (ms on this machine)", RUN_COLOR)):
         values = [cell.loc[(r, time_column), side] for r in rows]
@@ -110,8 +111,7 @@ def prefill_time_bars(comparison: pd.DataFrame, time_column: str = "CUDA Time (m
             d = cell.loc[(r, delta_column), side] if (r, delta_column) in cell.index else None
             deltas.append(f"Δ {float(d):.1f}%" if isinstance(d, (int, float)) and not math.isnan(d) else "")
         _annotate_bars(ax, deltas)
-        ax.set_xticks(range(len(rows)), [r.replace(" (ours)", "\n(ours)").replace(" w", "\nw", 1) for r in rows],
-                      fontsize=9)
+        ax.set_xticks(range(len(rows)), ["\n".join(textwrap.wrap(r, 12)) for r in rows], fontsize=9)
         ax.set_title(title)
         ax.set_ylabel("prefill time (ms)")
         ax.margins(y=0.12)
