@@ -144,11 +144,12 @@ def family_accuracy_bars(per_family: pd.DataFrame, models: Sequence[str], title:
     return fig
 
 
-def tokens_vs_rate(run: pd.DataFrame, paper_points: pd.DataFrame, title: str) -> Any:
+def tokens_vs_rate(run: pd.DataFrame, paper_points: pd.DataFrame, title: str, caption: str = "") -> Any:
     """Tokens against Avg. Rate: this run's rows (with 95% intervals) and the paper's points.
 
     ``run``: columns ``label, tokens, rate, low, high``; ``paper_points``: ``label, tokens, rate``
-    (tokens as 576-equivalents, rates in percent).
+    (tokens as 576-equivalents, rates in percent). ``caption``: a line under the plot (e.g. what
+    short labels stand for).
     """
     use_style()
     fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -164,6 +165,8 @@ def tokens_vs_rate(run: pd.DataFrame, paper_points: pd.DataFrame, title: str) ->
     ax.set_title(title)
     ax.legend(loc="lower right")
     ax.margins(x=0.15, y=0.1)
+    if caption:
+        ax.annotate(caption, xy=(0, -0.14), xycoords="axes fraction", va="top", fontsize=9)
     fig.tight_layout()
     return fig
 
