@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "paper_value",
     "compare_with_paper",
     "claims_frame",
+    "show_claims",
     "write_comparison",
     "to_markdown",
     "format_number",
@@ -340,20 +341,35 @@ def write_comparison(
     claims: Sequence[Claim] = (),
     notes: Sequence[str] = (),
     output_dir: str | os.PathLike[str] | None = None,
+    artifacts: Sequence[str] = (),
+    comparable: Collection[str] = (),
+    view: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write ``tables/<name>.csv``, ``tables/<name>.md`` and (with claims)
     ``tables/<name>.claims.csv``, each atomically.
 
+    The CSV is ``table`` as it is (the tidy data file). The markdown is for reading: a long
+    comparison (:func:`compare_with_paper`) is drawn in the paper's wide shape, rounded as the
+    paper of ``artifacts`` prints each column, with ``match`` shown only for rates and the
+    ``comparable`` columns (:mod:`atp_repro.paper_render`); any other table (or ``view``, a
+    readable selection of it) with shortened numbers.
+
     The files hold no timestamps or run ids, so identical results give identical bytes; run
     metadata goes to the provenance sidecar (:mod:`atp_repro.provenance`).
     """
+    from atp_repro import paper_render
+
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"name={name!r}: use letters, digits, '_', '-', '.' only")
     out = paths.tables_dir(output_dir)
     written = {"csv": paths.atomic_write_text(out / f"{name}.csv", _to_csv(table))}
     md = [f"# {title}", ""]
     md += [f"> {n}" for n in notes] + ([""] if notes else [])
-    md += [to_markdown(table)]
+    if view is None and set(paper_render.LONG_COLUMNS) <= set(table.columns):
+        blocks = paper_render.render_comparison(table, artifacts=artifacts, comparable=comparable)
+    else:
+        blocks = paper_render.render_frame(table if view is None else view)
+    md += [b if b.endswith("\n") else b + "\n" for b in blocks]
     if claims:
         cf = claims_frame(claims)
         written["claims"] = paths.atomic_write_text(out / f"{name}.claims.csv", _to_csv(cf))
@@ -374,3 +390,10 @@ def _csv_cell(x: Any) -> Any:
 
 def _to_csv(df: pd.DataFrame) -> str:
     return df.astype(object).map(_csv_cell).to_csv(index=False, lineterminator="\n")
+
+
+def show_claims(claims: Iterable[Claim]) -> Any:
+    """The claims as a markdown table for a notebook, every text in full (pandas would cut them)."""
+    from IPython.display import Markdown
+
+    return Markdown(to_markdown(claims_frame(claims).drop(columns=["holds"])))

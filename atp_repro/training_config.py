@@ -763,6 +763,11 @@ def supp_table1_claims(table: Any, mini: TrainingConfig | None = None) -> list[A
     return claims
 
 
+SUPP_TABLE1_HEADERS = {"hyperparameter": "Hyper-parameter", "unit": "Unit", "paper": "Paper",
+                       "this_run": "This run (real-scale config)", "match": "Match", "mini_world": "Mini world",
+                       "mini_world_reason": "Why the mini world differs"}
+
+
 def write_supp_table1(
     real: TrainingConfig,
     mini: TrainingConfig,
@@ -788,5 +793,6 @@ def write_supp_table1(
             f"mini_world: {mini_config} (reason for each change).",
         ],
         output_dir=output_dir,
+        view=table.rename(columns=SUPP_TABLE1_HEADERS),
     )
     return table, claims, written

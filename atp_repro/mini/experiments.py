@@ -278,6 +278,25 @@ def seeded_summary_row(name: str, run: Seeded, ub: EvalResult) -> dict[str, Any]
     return row
 
 
+def readable_summary(table: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """Rows of :func:`seeded_summary_row` for reading: the ``labels`` columns (name -> header), then
+    tokens, Avg. Rate with its 95% interval and accuracies in percent with one decimal, wall-time in s."""
+    out = pd.DataFrame({header: table[name] for name, header in labels.items()})
+    out["Token (576-eq)"] = table["tokens_576_equiv"].round(0).astype(int)
+    out["Token (grid)"] = table["tokens"].map(lambda t: f"{t:.1f}")
+    out["Avg. Rate % (95% interval)"] = [
+        f"{100 * r:.1f} ({100 * lo:.1f}–{100 * hi:.1f})"
+        for r, lo, hi in zip(table["avg_rate"], table["avg_rate_ci_low"], table["avg_rate_ci_high"])
+    ]
+    out["Accuracy %"] = (100 * table["accuracy"]).map(lambda a: f"{a:.1f}")
+    for col in [c for c in table.columns if c.startswith("acc_")]:
+        out[f"{col[4:].capitalize()} %"] = (100 * table[col]).map(lambda a: f"{a:.1f}")
+    if "spatial_retention" in table.columns:
+        out["Spatial retention %"] = (100 * table["spatial_retention"]).map(lambda a: f"{a:.1f}")
+    out["Wall-time (s)"] = table["train_wall_time_s"].round(0).astype(int)
+    return out
+
+
 def rounded(df: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     """Round floats so that tables are byte-identical across runs on the same machine."""
     return df.apply(lambda c: c.round(digits) if c.dtype.kind == "f" else c)
