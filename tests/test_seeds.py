@@ -124,5 +124,8 @@ def test_bootstrap_replicates_without_a_rate_are_nan_without_warnings() -> None:
         low, high = avg_rate_interval(run, ub, n_boot=200)
         diff, d_low, d_high = rate_difference_interval(run, other, ub, n_boot=200)
         all_nan = rate_difference_interval(run, other, _records([0] * 40), n_boot=50)
+        over_seeds = rate_over_seeds([run, run], _records([0] * 40), n_boot=50)
+        diff_over_seeds = rate_difference_over_seeds([run, run], [other, other], _records([0] * 40), n_boot=50)
     assert np.isfinite([low, high, diff, d_low, d_high]).all() and low <= high and d_low <= diff <= d_high
     assert np.isnan(all_nan[1]) and np.isnan(all_nan[2])  # no replicate has a rate
+    assert np.isnan(over_seeds.question_low) and np.isnan(diff_over_seeds.question_low)

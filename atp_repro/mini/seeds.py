@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .evaluate import _family_rate_replicates, avg_rate, check_bootstrap, family_accuracy
+from .evaluate import _all_nan_replicates_allowed, _family_rate_replicates, avg_rate, check_bootstrap, family_accuracy
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -125,7 +125,7 @@ def rate_over_seeds(records: Sequence[pd.DataFrame], upper_bound: pd.DataFrame, 
     reps = _family_rate_replicates(records[0], upper_bound, families, n_boot, np.random.default_rng(seed),
                                    tuple(records[1:]))
     tail = 100 * (1 - level) / 2
-    with np.errstate(all="ignore"):
+    with _all_nan_replicates_allowed():
         q_low, q_high = np.nanpercentile(np.mean(reps, axis=0), [tail, 100 - tail])
     sd, hw = _t_halfwidth(per_seed, level)
     low, high = _combine(value, float(q_low), float(q_high), hw)
@@ -147,7 +147,7 @@ def rate_difference_over_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFra
                                    (*a[1:], *b))
     diff = np.mean(reps[: len(a)], axis=0) - np.mean(reps[len(a):], axis=0)
     tail = 100 * (1 - level) / 2
-    with np.errstate(all="ignore"):
+    with _all_nan_replicates_allowed():
         q_low, q_high = np.nanpercentile(diff, [tail, 100 - tail])
     hw = _welch_halfwidth(ra, rb, level)
     low, high = _combine(value, float(q_low), float(q_high), hw)
