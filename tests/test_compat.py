@@ -149,3 +149,23 @@ def test_remaining_limitations_fail_with_a_message_naming_the_alternative():
         static = StaticCache(config=atp.config.text_config, max_cache_len=length + 8)
         with pytest.raises(TypeError, match="needs a DynamicCache"):
             atp(**inputs, cache=static, use_cache=True)
+        # Two image spans in one sample (the model's own feature count is right, ATP's layout is not).
+        split = inputs["input_ids"].clone()
+        first = int(torch.nonzero(split[0] == IMAGE_TOKEN_ID)[0])
+        split[0, first + 10] = 9
+        split = torch.cat([split, torch.tensor([[IMAGE_TOKEN_ID]])], dim=1)
+        two_spans = {"input_ids": split, "attention_mask": torch.ones_like(split),
+                     "pixel_values": inputs["pixel_values"]}
+        with pytest.raises(ValueError, match="one contiguous image token span per sample"):
+            atp(**two_spans)
+
+
+def test_a_deep_copy_before_any_forward_matches_the_original():
+    import copy
+
+    stock, atp = _pair()
+    twin = copy.deepcopy(atp)
+    inputs = tiny_inputs(stock, prefix_lengths=(3, 5), prompt_lengths=(6, 2))
+    expected = _greedy(stock, inputs)
+    assert torch.equal(_greedy(twin, inputs), expected) and torch.equal(_greedy(atp, inputs), expected)
+    assert twin.generate.model is twin and atp.generate.model is atp
