@@ -252,7 +252,8 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class ATPSection:
-    """Adaptive Token Pruning modules and the budget-constrained objective (README, "Method choices")."""
+    """Adaptive Token Pruning modules and the budget-constrained objective (docs/interpretations.md,
+    "Method choices")."""
 
     module_layers: tuple[int, ...] = _field(
         "0-based decoder layers after which an ATP module sits (strictly increasing)", ge=0
@@ -265,7 +266,7 @@ class ATPSection:
     temperature: float = _field("T, sharpness of the soft masks sigmoid(T (S - theta))", gt=0)
     ste_temperature: float | None = _field(
         "straight-through: hard forward mask, gradient of sigmoid at this softer temperature "
-        "(null = plain sigmoid at T, as in the paper; README, Method choices #9)",
+        "(null = plain sigmoid at T, as in the paper; docs/interpretations.md, Method choices #9)",
         gt=0,
     )
     lambda_sample: float = _field(
@@ -278,7 +279,7 @@ class ATPSection:
         "per-instance normalisation of the self/cross importance scores to [0, 1]"
     )
     position_encoding: Literal["original", "rope2d", "learned2d"] = _field(
-        "pruning positional encoding (README, Method choices #12); 'original' for a frozen LM"
+        "pruning positional encoding (docs/interpretations.md, Method choices #12); 'original' for a frozen LM"
     )
     init_calibration: Literal["none", "target"] = _field(
         "initial thresholds: 'none' keeps almost every token at step 0; 'target' calibrates them on "

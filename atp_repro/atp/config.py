@@ -1,8 +1,8 @@
 """ATPConfig: every knob of the ATP method, validated at construction.
 
 Defaults follow the supplementary material (S-Sec. = supplementary section) and the main paper's
-Table 6 setting; choices that the paper leaves open are marked "(choice)" and documented in the
-README's "Interpretations" section.
+Table 6 setting; choices that the paper leaves open are marked "(choice)" and documented in
+docs/interpretations.md.
 """
 
 from __future__ import annotations
