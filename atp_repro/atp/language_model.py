@@ -87,13 +87,10 @@ class ATPRuntime:
     record: ATPRecord | None = None
     cache_states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
-    def __deepcopy__(self, memo: dict) -> ATPRuntime:
-        """A copy of a model starts without the original's last pass: the record holds graph tensors
-        (which cannot be deep-copied) and belongs to the original; pending inputs and cache states too."""
-        return ATPRuntime(config=self.config, image_token_id=self.image_token_id)
-
     def __reduce__(self):
-        """Pickled without the last pass, pending inputs and cache states, as for a deep copy."""
+        """Deep copies and pickles of a model start without the original's last pass: the record holds
+        graph tensors (which cannot be copied) and belongs to the original; pending inputs and cache
+        states too."""
         return ATPRuntime, (self.config, self.image_token_id)
 
 
