@@ -23,6 +23,7 @@ from .data import SPLIT_SEEDS, Collator, FamilyWeights, MiniVQA, check_family_we
 from .model import MiniModelConfig, build_model, count_parameters
 from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower, scene_targets
 from .scenes import SceneConfig
+from .token_dropout import TokenDropoutConfig, VisionTokenDropout
 from .tokenizer import build_tokenizer
 from .train import TrainConfig, train
 
@@ -50,6 +51,9 @@ class MiniWorldConfig:
     # text and scene are learnt within 300 steps from one question per image.
     ub_family_weights: FamilyWeights = (("counting", 3), ("attribute", 2), ("existence", 3), ("spatial", 2),
                                         ("text", 1), ("scene", 1))
+    # Experimental, off by default: hide random vision tokens from deeper layers in part of the upper
+    # bound's training samples (atp_repro.mini.token_dropout). None = train as LLaVA-1.5 trains.
+    ub_token_dropout: TokenDropoutConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test", "ub_turns"):
@@ -186,6 +190,8 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "ub_turns": world.ub_turns,
         "ub_simple_fraction": world.ub_simple_fraction,
         "ub_family_weights": world.ub_family_weights,
+        # only when set, so that artifacts trained without it keep their keys
+        **({"ub_token_dropout": _asdict(world.ub_token_dropout)} if world.ub_token_dropout else {}),
         "vocab": build_tokenizer().get_vocab(),
         "data": data_fingerprint(world),
         "numerics": numerics.cache_key(),
@@ -220,8 +226,12 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
         vision, vinfo = pretrained_vision(world, progress=progress)
         model.model.vision_tower.load_state_dict(vision)
         ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
+        dropout = (VisionTokenDropout(model, world.ub_token_dropout, seed=world.train.seed)
+                   if world.ub_token_dropout else None)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
                     run_spec=spec, progress=progress)
+        if dropout is not None:
+            dropout.remove()
         return _finish(folder, model, tok, res, {"vision_pretrain_wall_time_s": vinfo.wall_time_s,
                                                  "vision_pretrain_status": vinfo.status})
 
