@@ -23,7 +23,7 @@ SCORE_NORMALISATIONS = ("minmax", "max")
 POSITION_ENCODINGS = ("original", "rope2d", "learned2d")
 SCORING_BACKENDS = ("auto", "eager", "fast")
 INIT_CALIBRATIONS = ("none", "target")
-IMPORTANCES = ("both", "self", "cross")
+IMPORTANCES = ("both", "self", "cross", "last", "uniform", "random")
 CRITERIA = ("both", "redundancy", "spatial")
 
 
@@ -70,7 +70,10 @@ class ATPConfig:
             the training loop applies it, :func:`apply_atp` does not) (choice).
         importance: which attention importance forms the redundancy score S_r: ``both`` (the mean of
             the normalised self- and cross-modality importances, the paper's method), ``self`` or
-            ``cross`` alone (the paper's importance ablation).
+            ``cross`` alone (the paper's importance ablation). Baselines and controls (with
+            ``fixed_keep``): ``last`` uses the attention from the last prompt token only (FastV,
+            PyramidDrop); ``uniform`` and ``random`` ignore attention and rank grid positions by a
+            fixed spatially uniform or random order (:mod:`atp_repro.atp.controls`).
         criteria: which pruning criteria decide: ``both`` (a token survives if S_r > theta_r or
             S_s > theta_s, the paper's method), ``redundancy`` alone (no spatial augmented pruning) or
             ``spatial`` alone (only the spatial grid rule; the paper's component ablation).

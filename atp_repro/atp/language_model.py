@@ -30,6 +30,7 @@ from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_ou
 from .attention import ScoreRequest, resolve_scoring_backend, scoring_attention
 from .clock import OverheadClock
 from .config import ATPConfig
+from .controls import CONTROL_IMPORTANCES, control_scores
 from .loss import per_layer_counts
 from .masks import (
     attention_log_bias,
@@ -38,6 +39,7 @@ from .masks import (
     compaction_index,
     flat_positions,
     gather_positions,
+    last_true,
 )
 from .positions import rope2d_cos_sin
 from .spatial import grid_size_for, spatial_scores
@@ -187,6 +189,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     keep_surrogate = None  # straight-through only: the smooth keep values the attention bias differentiates
     use_eager = resolve_scoring_backend(cfg.scoring_backend, model.config._attn_implementation)
     spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).to(device)
+    control_table = (control_scores(cfg.importance, grid, cfg.grid_strides, cfg.lambda_sample).to(device)
+                     if cfg.importance in CONTROL_IMPORTANCES else None)
     module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
     stage_counts = [image_mask.sum(-1).float()]  # N_0 per sample (0 for a text-only sample)
     kept, thresholds, redundancy, stages = [], [], [], []
@@ -212,14 +216,18 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
                 alive = is_vision
                 vision_weight = is_vision.float()
             prompt_weight = seq.is_prompt.float()
+            if cfg.importance == "last":  # FastV / PyramidDrop: the last prompt token's attention only
+                prompt_weight = last_true(seq.is_prompt).float()
             request = ScoreRequest(torch.stack([vision_weight, prompt_weight], -1), _vision_columns(is_vision),
                                    use_eager, clock=clock)
         with scoring_attention(model.config, layer, request):  # the scores themselves are timed inside
             seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
         with clock.region("decide_and_compact"):
             spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
+            control = (None if control_table is None
+                       else torch.where(is_vision, control_table[seq.grid_index.clamp_min(0)], 0.0))
             decision = module.decide(request.column_sums, vision_weight, prompt_weight, spatial, is_vision, alive,
-                                     num_vision, keep_value, keep_surrogate)
+                                     num_vision, keep_value, keep_surrogate, control)
             thresholds.append((decision.theta_r, decision.theta_s))
             redundancy.append(decision.redundancy)
             self_scores.append(decision.self_importance)

@@ -205,3 +205,11 @@ def causal_mask_corner(mask, length: int) -> tuple[bool, object]:
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and length <= min(mask.shape[-2:]):
         return True, mask[:, :, :length, :length]
     return False, None
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool with only the last True of each row of ``mask`` (rows without any stay all False)."""
+    length = mask.shape[-1]
+    positions = torch.arange(length, device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).amax(-1, keepdim=True)  # (B, 1)
+    return mask & (positions == last)

@@ -69,6 +69,7 @@ class ATPModule(nn.Module):
         initial_count: int,
         keep_value: torch.Tensor | None,
         keep_surrogate: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
     ) -> ModuleDecision:
         """Decide which vision tokens survive.
 
@@ -81,11 +82,16 @@ class ATPModule(nn.Module):
             initial_count: vision tokens per sample before any module (N_0).
             keep_value: (B, L) soft keep values D_prev (soft path) or None (hard path).
             keep_surrogate: (B, L) smooth keep values before the module (straight-through soft path).
+            control: (B, L) image-independent scores that replace S_r for the ``uniform`` and
+                ``random`` controls (None otherwise).
         """
         # Self- and cross-modality scores travel stacked, (B, 2, L): one op serves both.
         importance = modality_importances(column_sums, vision_weight, prompt_weight)
         normalised = normalise_scores(importance, alive[:, None], self.normalisation)
-        redundancy = redundancy_score(normalised[:, 0], normalised[:, 1], self.importance)
+        if control is not None:
+            redundancy = torch.where(alive, control, 0.0)
+        else:
+            redundancy = redundancy_score(normalised[:, 0], normalised[:, 1], self.importance)
         kept_fraction = alive.sum(-1).float() / initial_count
         # The threshold network reads the score distribution, not the scores' gradient path.
         features = threshold_features(normalised.detach(), alive, kept_fraction, self.quantiles)

@@ -80,8 +80,9 @@ class VisionTokenDropout:
     """Hooks on a LLaVA model that apply :func:`draw_plan` in training mode only.
 
     A forward pre-hook on the top model reads ``input_ids`` and ``attention_mask`` and draws the
-    batch's plan (from ``seed`` and the batch's token ids, so it does not depend on what ran before); a pre-hook on each decoder layer swaps its attention mask for the dropout mask from
-    the sample's start layer on. ``remove()`` takes the hooks off.
+    batch's plan (from ``seed`` and the batch's token ids, so it does not depend on what ran before);
+    a pre-hook on each decoder layer swaps its attention mask for the dropout mask from the sample's
+    start layer on. ``remove()`` takes the hooks off.
     """
 
     def __init__(self, model: nn.Module, cfg: TokenDropoutConfig, seed: int) -> None:

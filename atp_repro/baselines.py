@@ -1,0 +1,129 @@
+"""Training-free token-pruning baselines behind ATP's interface and token accounting.
+
+Every method here prunes inside the language model at fixed per-stage counts, through the same
+pruned forward as ATP (:func:`atp_repro.apply_atp` with ``fixed_keep``). They therefore share ATP's
+guarantees: left-padded batches with per-sample counts, the shorter KV cache in ``generate``, the
+fast-kernel scoring path, and :func:`atp_repro.token_counts` for the accounting.
+
+=============  =================================================================================
+method         rule
+=============  =================================================================================
+``fastv``      FastV (Chen et al. 2024): after decoder layer K (0-based K - 1 scores, layers K..
+               keep k), rank vision tokens by the head-averaged attention they receive from the
+               last token of the prompt and keep the top k. FastV's public code reads the
+               attention of the layer just before K, as here. Default K: the paper's K = 2 of 32
+               layers scaled to the model's depth (at least 1).
+``pyramiddrop`` PyramidDrop (Xing et al. 2024): stages end after layers L/4, L/2, 3L/4 (its
+               ``layer_list`` [8, 16, 24] of 32); at each stage end the last instruction token's
+               attention ranks the surviving vision tokens and a fixed ratio lambda of them is kept
+               (its ``image_token_ratio_list`` [1, lambda, lambda^2, lambda^3]). Scores come from the
+               stage's own queries and keys, which with a fast kernel are recomputed for the score
+               block only (PyramidDrop's q.k recomputation).
+``uniform``    control: a spatially uniform subset of the grid, at FastV's layer and count.
+``random``     control: one fixed random subset of the grid (seeded), at FastV's layer and count.
+=============  =================================================================================
+
+Budgets are in ATP's unit: vision tokens averaged over all decoder layers (the paper's "Token"). For
+a budget b the per-stage counts are solved so that the layer average is b up to rounding (within
+half a token). A budget a schedule cannot reach (its unpruned first layers alone exceed it) is
+rejected before any work, naming the smallest reachable budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .atp import ATPConfig, apply_atp
+from .atp.config import PAPER_NUM_LAYERS
+
+METHODS = ("fastv", "pyramiddrop", "uniform", "random")
+FASTV_PAPER_K = 2  # FastV's default K on 32-layer LLaVA-1.5
+PYRAMIDDROP_PAPER_LAYERS = (8, 16, 24)  # PyramidDrop's layer_list on 32-layer LLaVA-1.5 (stage ends)
+
+
+def fastv_layer(num_layers: int) -> int:
+    """FastV's K (the first decoder layer that sees the pruned sequence) scaled to ``num_layers``."""
+    return max(1, round(FASTV_PAPER_K * num_layers / PAPER_NUM_LAYERS))
+
+
+def pyramiddrop_layers(num_layers: int) -> tuple[int, ...]:
+    """PyramidDrop's stage ends (first layers of the next stages) scaled to ``num_layers``."""
+    layers = sorted({max(1, round(x * num_layers / PAPER_NUM_LAYERS)) for x in PYRAMIDDROP_PAPER_LAYERS})
+    return tuple(x for x in layers if x < num_layers)
+
+
+def layer_average(counts: list[float], starts: tuple[int, ...], num_layers: int, num_vision: int) -> float:
+    """Vision tokens averaged over decoder layers: ``num_vision`` before ``starts[0]``, ``counts[s]``
+    from ``starts[s]`` on."""
+    total, previous, current = 0.0, 0, float(num_vision)
+    for start, count in zip(starts, counts):
+        total += current * (start - previous)
+        previous, current = start, float(count)
+    return (total + current * (num_layers - previous)) / num_layers
+
+
+def _check_budget(budget: float, starts: tuple[int, ...], num_layers: int, num_vision: int, method: str) -> None:
+    floor = num_vision * starts[0] / num_layers
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and floor <= budget <= num_vision):
+        raise ValueError(
+            f"budget must be a number of vision tokens (layer average) in [{floor:g}, {num_vision}] for "
+            f"{method} with its first pruning before layer {starts[0]} of {num_layers}; got {budget!r}"
+        )
+
+
+def stage_counts(method: str, budget: float, num_layers: int, num_vision: int,
+                 layers: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(first layers of each pruned stage, tokens kept in each) for ``method`` at ``budget``.
+
+    ``layers`` overrides the method's default schedule (FastV / controls: one layer K; PyramidDrop:
+    its stage ends), given as the first decoder layer that sees each pruned stage.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if layers is None:
+        layers = pyramiddrop_layers(num_layers) if method == "pyramiddrop" else (fastv_layer(num_layers),)
+    layers = tuple(int(x) for x in layers)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= num_layers:
+        raise ValueError(f"layers must be increasing decoder layers in [1, {num_layers - 1}], got {layers!r}")
+    if method != "pyramiddrop" and len(layers) != 1:
+        raise ValueError(f"layers for {method} must name one layer K, got {layers!r}")
+    _check_budget(budget, layers, num_layers, num_vision, method)
+    if len(layers) == 1:
+        k = (budget * num_layers - layers[0] * num_vision) / (num_layers - layers[0])
+        return layers, (min(num_vision, max(0, round(k))),)
+    # PyramidDrop: one ratio lambda per stage, kept counts N * lambda^s; the layer average grows
+    # with lambda, so bisection finds it.
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if layer_average([num_vision * mid ** (s + 1) for s in range(len(layers))], layers, num_layers,
+                         num_vision) < budget:
+            lo = mid
+        else:
+            hi = mid
+    ratio = (lo + hi) / 2
+    return layers, tuple(min(num_vision, round(num_vision * ratio ** (s + 1))) for s in range(len(layers)))
+
+
+def baseline_config(method: str, budget: float, num_layers: int, num_vision: int,
+                    layers: tuple[int, ...] | None = None, scoring_backend: str = "auto") -> ATPConfig:
+    """The fixed-count pruning config of ``method`` at ``budget`` (layer-average vision tokens)."""
+    starts, counts = stage_counts(method, budget, num_layers, num_vision, layers)
+    importance = "last" if method in ("fastv", "pyramiddrop") else method
+    return ATPConfig(module_layers=tuple(s - 1 for s in starts), fixed_keep=counts, importance=importance,
+                     criteria="redundancy", position_encoding="original", scoring_backend=scoring_backend)
+
+
+def apply_baseline(model: nn.Module, method: str, budget: float, layers: tuple[int, ...] | None = None,
+                   scoring_backend: str = "auto") -> nn.Module:
+    """Prune ``model`` (a transformers LLaVA) with ``method`` at ``budget``, in place; returns it.
+
+    >>> model = apply_baseline(llava, "fastv", budget=144)  # doctest: +SKIP
+    >>> model.generate(**inputs); atp_repro.token_counts(model).float().mean()  # doctest: +SKIP
+    """
+    lm_config = model.config.get_text_config()
+    num_vision = int(getattr(model.config, "image_seq_length", 576))
+    cfg = baseline_config(method, budget, lm_config.num_hidden_layers, num_vision, layers, scoring_backend)
+    return apply_atp(model, cfg)
