@@ -128,3 +128,18 @@ def test_bad_inputs_fail_before_any_work():
         stage_counts("fastv", 20.0, NUM_LAYERS, N, layers=(1, 3))
     with pytest.raises(ValueError, match="layers"):
         stage_counts("pyramiddrop", 40.0, NUM_LAYERS, N, layers=(4, 2))
+
+
+def test_cli_offers_every_method_and_rejects_bad_combinations():
+    import subprocess
+    import sys
+
+    from atp_repro.mini.commands import BASELINES
+
+    assert BASELINES == METHODS
+    bad = subprocess.run([sys.executable, "-m", "atp_repro", "eval", "--baseline", "fastv", "--stage", "atp"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--baseline runs on the upper bound" in bad.stderr
+    unknown = subprocess.run([sys.executable, "-m", "atp_repro", "eval", "--baseline", "fastvv"],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "fastv" in unknown.stderr

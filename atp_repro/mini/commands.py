@@ -4,6 +4,7 @@
     atp-repro train --stage atp              # + ATP fine-tune with configs/mini_world.yaml
     atp-repro train --stage atp --frozen-lm --tokens-576 88
     atp-repro eval --stage atp --n-test 600 --out build/eval.csv
+    atp-repro eval --baseline fastv --tokens-576 144   # a training-free baseline on the upper bound
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from atp_repro.cli import subcommand
 
 STAGES = ("upper-bound", "atp")
+BASELINES = ("fastv", "pyramiddrop", "uniform", "random")  # atp_repro.baselines.METHODS (not imported: torch)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,11 @@ def _load(args: argparse.Namespace):
     from atp_repro.mini.experiments import Setup, Variant
 
     setup = Setup.load(args.config, finetune_steps=args.steps)
+    if getattr(args, "baseline", None):
+        from atp_repro.mini.runs import tokens_for_576
+
+        tokens = tokens_for_576(args.tokens_576 if args.tokens_576 is not None else 144.0, setup.grid)
+        return setup.baseline(args.baseline, tokens), setup.world
     if args.stage == "upper-bound":
         return setup.upper_bound(progress=not args.no_progress), setup.world
     # the same runs as the notebooks' catalogue (trainable_144, frozen_88, ...), so the cache is shared
@@ -57,8 +64,14 @@ def _eval(parser: argparse.ArgumentParser):
     _common(parser)
     parser.add_argument("--n-test", type=int, default=None, help="test samples (default: world n_test)")
     parser.add_argument("--out", default=None, help="write per-sample records to this CSV")
+    parser.add_argument("--baseline", choices=BASELINES, default=None,
+                        help="evaluate a training-free baseline on the upper bound at --tokens-576 (layer average, "
+                             "in units of 576; default 144) instead of a trained model")
 
     def run(args: argparse.Namespace) -> int:
+        if args.baseline and (args.stage != "upper-bound" or args.frozen_lm or args.steps is not None):
+            parser.error("--baseline runs on the upper bound: it cannot be combined with --stage atp, "
+                         "--frozen-lm or --steps")
         from atp_repro.mini.evaluate import avg_rate, avg_rate_interval, evaluate, pope_metrics
         from atp_repro.mini.experiments import families_above_chance
         from atp_repro.mini.runs import upper_bound
@@ -67,7 +80,7 @@ def _eval(parser: argparse.ArgumentParser):
         ds = world.dataset("test", n=args.n_test, tokenizer=tok)
         res = evaluate(model, ds, progress=not args.no_progress)
         table = res.by_family()
-        if args.stage == "atp":
+        if args.stage == "atp" or args.baseline:
             ub_model, _, _ = upper_bound(world, progress=False)
             ub_res = evaluate(ub_model, ds)
             ub = ub_res.by_family()

@@ -166,6 +166,20 @@ class Setup:
             infos.append(info)
         return Seeded(name if isinstance(name, str) else name.description, results, infos)
 
+    def baseline(self, method: str, tokens: float, layers: tuple[int, ...] | None = None):
+        """A training-free baseline (:mod:`atp_repro.baselines`) on the upper bound at ``tokens`` (grid
+        units, layer average): (model, tokenizer, info); ``info.spec_hash`` keys its cached evaluations."""
+        from atp_repro import atp_config
+        from atp_repro.baselines import apply_baseline
+
+        ub, tok, ub_info = self.upper_bound(progress=False)
+        model = apply_baseline(ub, method, tokens, layers)
+        spec = {"kind": "baseline", "parent": ub_info.spec_hash, "method": method,
+                "atp": atp_config(model).to_dict()}
+        info = runs.RunInfo(f"baseline-{method}", ub_info.folder, "hit",
+                            {"spec_hash": runs.spec_hash(spec), "wall_time_s": 0.0, "spec": spec})
+        return model, tok, info
+
     def test_set(self, tokenizer):
         return self.world.dataset("test", tokenizer=tokenizer)
 
