@@ -35,6 +35,7 @@ __all__ = [
     "prefill_time_bars",
     "family_accuracy_bars",
     "tokens_vs_rate",
+    "rate_vs_tokens_by_method",
     "accuracy_by_scene_size",
     "kept_token_distribution",
     "interval_rows",
@@ -167,6 +168,35 @@ def tokens_vs_rate(run: pd.DataFrame, paper_points: pd.DataFrame, title: str, ca
     ax.margins(x=0.15, y=0.1)
     if caption:
         ax.annotate(caption, xy=(0, -0.14), xycoords="axes fraction", va="top", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def rate_vs_tokens_by_method(points: pd.DataFrame, title: str, paper_points: pd.DataFrame | None = None) -> Any:
+    """Avg. Rate against average vision tokens, one line per method (a Pareto view across budgets).
+
+    ``points``: columns ``method, tokens, rate, low, high`` (tokens as 576-equivalents, rates and the
+    95% interval in percent); ``paper_points`` (optional): ``label, tokens, rate`` drawn as grey squares.
+    """
+    use_style()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    data = points.sort_values(["method", "tokens"])
+    sns.lineplot(data=data, x="tokens", y="rate", hue="method", style="method", markers=True, dashes=False,
+                 ax=ax, errorbar=None)
+    palette = dict(zip(data["method"].unique(), sns.color_palette("colorblind", data["method"].nunique())))
+    for method, group in data.groupby("method", sort=False):
+        ax.errorbar(group["tokens"], group["rate"], yerr=[group["rate"] - group["low"], group["high"] - group["rate"]],
+                    fmt="none", ecolor=palette[method], capsize=3, alpha=0.8)
+    if paper_points is not None and len(paper_points):
+        ax.scatter(paper_points["tokens"], paper_points["rate"], marker="s", color=PAPER_COLOR, label="paper",
+                   zorder=3)
+        for r in paper_points.itertuples(index=False):
+            ax.annotate(r.label, (r.tokens, r.rate), xytext=(5, -10), textcoords="offset points", fontsize=9,
+                        color="#555555")
+    ax.set_xlabel("vision tokens, average over decoder layers (576-equivalent)")
+    ax.set_ylabel("Avg. Rate (% of the upper bound)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", title="method (95% interval)")
     fig.tight_layout()
     return fig
 

@@ -50,6 +50,9 @@ def test_every_plot_draws_from_small_frames() -> None:
         plots.prefill_time_bars(comparison, time_column="T (ms)"),
         plots.accuracy_by_scene_size(by_objects, {"ub": "U.B.", "atp": "ATP"}, "t"),
         plots.tokens_vs_rate(points, points, "t"),
+        plots.rate_vs_tokens_by_method(pd.DataFrame({"method": ["a", "a", "b"], "tokens": [80.0, 128.0, 80.0],
+                                                     "rate": [60.0, 80.0, 55.0], "low": [58.0, 78.0, 53.0],
+                                                     "high": [62.0, 82.0, 57.0]}), "t", points),
         plots.kept_token_distribution({"a": [1.0, 2.0, 2.5], "b": [3.0, 3.5]}, "t", "tokens"),
         plots.lr_schedules({"real": {"LLM": 2e-5, "ATP": 1e-4}}, {"real": 0.03}, "t"),
     ]

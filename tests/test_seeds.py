@@ -129,3 +129,20 @@ def test_bootstrap_replicates_without_a_rate_are_nan_without_warnings() -> None:
     assert np.isfinite([low, high, diff, d_low, d_high]).all() and low <= high and d_low <= diff <= d_high
     assert np.isnan(all_nan[1]) and np.isnan(all_nan[2])  # no replicate has a rate
     assert np.isnan(over_seeds.question_low) and np.isnan(diff_over_seeds.question_low)
+
+
+def test_rate_difference_against_a_fixed_run_counts_only_the_trained_seeds():
+    rng = np.random.default_rng(5)
+    ub = rng.random(3000) < 0.8
+    trained, fixed = _seeds(rng, ub, [0.95, 0.90, 0.93]), _seeds(rng, ub, [0.85])
+    d = rate_difference_over_seeds(trained, fixed, _records(ub), b_fixed=True)
+    rates = [r.correct.sum() / ub.sum() for r in trained]
+    hw = stats.t.ppf(0.975, 2) * np.std(rates, ddof=1) / math.sqrt(3)
+    assert d.seed_halfwidth == pytest.approx(hw)  # one-sample t over the trained seeds, not NaN
+    assert d.high - d.low >= 2 * hw * 0.99
+    assert len(d.per_seed) == 3
+    # without b_fixed a single run on one side has no seed spread at all (only the questions')
+    loose = rate_difference_over_seeds(trained, fixed, _records(ub))
+    assert (loose.high - loose.low) < (d.high - d.low)
+    with pytest.raises(ValueError, match="b_fixed"):
+        rate_difference_over_seeds(trained, trained, _records(ub), b_fixed=True)

@@ -134,12 +134,15 @@ def rate_over_seeds(records: Sequence[pd.DataFrame], upper_bound: pd.DataFrame, 
 
 def rate_difference_over_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFrame], upper_bound: pd.DataFrame,
                                families: list[str] | None = None, *, level: float = LEVEL, n_boot: int = N_BOOT,
-                               seed: int = 0) -> SeedInterval:
+                               seed: int = 0, b_fixed: bool = False) -> SeedInterval:
     """Avg. Rate of run ``a`` minus run ``b`` (each a list of per-seed records) over seeds.
 
     ``per_seed`` pairs seed k of a with seed k of b (for display; the seeds of two runs are
-    independent, so the seed half-width is Welch's, not a paired one)."""
+    independent, so the seed half-width is Welch's, not a paired one). ``b_fixed``: ``b`` is one
+    deterministic run (no training, e.g. a training-free baseline), so only ``a``'s seeds vary."""
     _check(level, n_boot, a=a, b=b)
+    if b_fixed and len(b) != 1:
+        raise ValueError(f"b_fixed needs the records of exactly one run in b, got {len(b)}")
     ub_acc = _ub_accuracy(upper_bound, families)
     ra, rb = [_rate(r, ub_acc) for r in a], [_rate(r, ub_acc) for r in b]
     value = float(np.mean(ra) - np.mean(rb))
@@ -149,9 +152,9 @@ def rate_difference_over_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFra
     tail = 100 * (1 - level) / 2
     with _all_nan_replicates_allowed():
         q_low, q_high = np.nanpercentile(diff, [tail, 100 - tail])
-    hw = _welch_halfwidth(ra, rb, level)
+    hw = _t_halfwidth(ra, level)[1] if b_fixed else _welch_halfwidth(ra, rb, level)
     low, high = _combine(value, float(q_low), float(q_high), hw)
-    per_seed = tuple(x - y for x, y in zip(ra, rb))
+    per_seed = tuple(x - rb[0] for x in ra) if b_fixed else tuple(x - y for x, y in zip(ra, rb))
     sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
     return SeedInterval(value, low, high, per_seed, sd, hw, float(q_low), float(q_high))
 

@@ -1,0 +1,66 @@
+"""ATP against training-free baselines at matching token counts (the main Table 1 comparison).
+
+Baselines run on the upper bound (:mod:`atp_repro.baselines`); each is evaluated on the same test
+questions as ATP, so rate differences are paired over questions. A budget is a layer-average count
+in grid units; one that a method's schedule cannot reach is moved to the nearest reachable value and
+reported as such (``budget_used``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from atp_repro.baselines import stage_counts
+
+from .evaluate import EvalResult, token_summary
+from .experiments import Setup
+
+
+@dataclass
+class BaselineRun:
+    method: str
+    label: str  # which budget (e.g. "ATP-144 tokens", "paper 128")
+    budget_asked: float  # grid units, layer average
+    budget_used: float
+    layers: tuple[int, ...] | None
+    result: EvalResult
+
+
+def reachable_budget(method: str, budget: float, num_layers: int, num_vision: int,
+                     layers: tuple[int, ...] | None = None) -> float:
+    """``budget`` moved into the range ``method``'s schedule can reach (unchanged when it can)."""
+    starts, _ = stage_counts(method, float(num_vision), num_layers, num_vision, layers)  # keep-all: always valid
+    floor = num_vision * starts[0] / num_layers
+    return float(min(max(budget, floor), num_vision))
+
+
+def run_baselines(setup: Setup, methods: dict[str, tuple[int, ...] | None], budgets: dict[str, float]
+                  ) -> list[BaselineRun]:
+    """Every method (name -> its schedule's layers, None = its own default) at every budget (label -> grid
+    tokens), evaluated on the test set (cached)."""
+    num_layers = setup.world.model.lm_layers
+    num_vision = setup.grid * setup.grid
+    out = []
+    for label, budget in budgets.items():
+        for method, layers in methods.items():
+            used = reachable_budget(method, budget, num_layers, num_vision, layers)
+            model, tok, info = setup.baseline(method, used, layers)
+            out.append(BaselineRun(method, label, float(budget), used, layers, setup.evaluate(model, info, tok)))
+    return out
+
+
+def token_576(result: EvalResult) -> float:
+    return token_summary(result.kept, result.grid)["tokens_576_equiv"]
+
+
+def runs_frame(runs: list[BaselineRun]) -> pd.DataFrame:
+    """One row per baseline run: method, budget label, asked / used / measured tokens (grid and 576-eq)."""
+    rows = []
+    for r in runs:
+        tok = token_summary(r.result.kept, r.result.grid)
+        rows.append({"method": r.method, "budget": r.label, "budget_asked": r.budget_asked,
+                     "budget_used": r.budget_used, "tokens": tok["tokens"], "tokens_576_equiv": tok["tokens_576_equiv"],
+                     "layers": "default" if r.layers is None else ",".join(map(str, r.layers))})
+    return pd.DataFrame(rows)
