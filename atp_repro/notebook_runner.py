@@ -58,10 +58,12 @@ __all__ = [
 
 OUTPUT_DIR_PARAM = "output_dir"
 KERNEL_NAME = "python3"
-# The kernel's own log (not the cells' output, which goes to the executed notebook): only errors.
-# Its warnings are noise here, e.g. "Kernel is running over TCP without encryption" on every start
-# (the kernel listens on localhost only).
-KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
+# The kernel's own log (not the cells' output, which goes to the executed notebook): only critical
+# messages. Its warnings are noise here, e.g. "Kernel is running over TCP without encryption" on every
+# start (the kernel listens on localhost only), and so is the "KeyboardInterrupt caught in kernel"
+# it logs as an error when it is stopped after a failed cell on a busy machine. A cell's error and a
+# dead kernel still reach the runner through nbclient.
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=CRITICAL",)
 
 
 @dataclass(frozen=True)
@@ -239,19 +241,26 @@ def plan_runs(
         wanted = {Path(n).stem for n in only}
         notebooks = [nb for nb in notebooks if nb.stem in wanted]
     out_folder = executed_to or executed_dir(profile)
+    declared = {nb: notebook_parameters(nb) for nb in notebooks}
+    _check_overrides(overrides or {}, declared)
     jobs = []
     for nb in notebooks:
         pfile = params_file(nb, profile)
         parameters: dict[str, Any] = {}
         skip = None
         if spec.uses_params_files and pfile.is_file():
-            parameters.update(_read_params_file(pfile))
+            from_file = _read_params_file(pfile)
+            unknown = sorted(set(from_file) - set(declared[nb]))
+            if unknown:
+                raise ValueError(f"{pfile}: {_unknown_message(unknown[0], declared[nb], nb.stem)}")
+            parameters.update(from_file)
         elif spec.uses_params_files and spec.on_missing_params == "skip":
             skip = f"no parameter file {pfile.relative_to(paths.repo_root())}"
         chosen_output = output_dir if output_dir is not None else spec.output_dir
         if OUTPUT_DIR_PARAM not in parameters or output_dir is not None:
             parameters[OUTPUT_DIR_PARAM] = chosen_output
-        parameters.update(overrides or {})
+        # an override goes to the notebooks that declare it (e.g. `components` to the ablation only)
+        parameters.update({k: v for k, v in (overrides or {}).items() if k in declared[nb]})
         jobs.append(
             NotebookJob(
                 notebook=nb,
@@ -263,6 +272,22 @@ def plan_runs(
             )
         )
     return jobs
+
+
+def _unknown_message(name: str, known: Mapping[str, Any], where: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"parameter {name!r} is not declared by {where}{hint} (declared: {', '.join(sorted(known))})"
+
+
+def _check_overrides(overrides: Mapping[str, Any], declared: Mapping[Path, Mapping[str, Any]]) -> None:
+    """Every override must be a parameter of at least one planned notebook (a misspelled name would
+    otherwise run every notebook with its defaults and overwrite the tables)."""
+    known = {name: None for params in declared.values() for name in params}
+    for name in overrides:
+        if name not in known:
+            where = "any of the selected notebooks" if len(declared) != 1 else next(iter(declared)).stem
+            raise ValueError(f"-p {name}: {_unknown_message(name, known, where)}")
 
 
 def execute_job(

@@ -497,3 +497,33 @@ def test_table6_rows_keep_the_papers_relative_lambdas():
     assert setup.train_config(VARIANTS["trainable_144"], seed=2).seed == base_seed + 2
     with pytest.raises(ValueError, match="seed"):
         setup.finetune("trainable_144", seed=-1)
+
+
+def test_interrupted_tower_pretraining_resumes_to_identical_weights(cache_dir, monkeypatch):
+    from atp_repro.mini import pretrain as pretrain_mod
+    from atp_repro.mini import runs
+
+    world = TINY_WORLD.replace(pretrain=PretrainConfig(steps=6, batch_size=2))
+    reference, _ = runs.pretrained_vision(world, progress=False)
+    monkeypatch.setenv("ATP_REPRO_CACHE", str(cache_dir.parent / "cache_resume"))
+    real = pretrain_mod.pretrain_vision_tower
+
+    def interrupted(*a, **kw):
+        def stop(done):
+            if done == 4:
+                raise KeyboardInterrupt
+
+        return real(*a, on_step=stop, checkpoint_every=3, **{k: v for k, v in kw.items() if k != "checkpoint_every"})
+
+    monkeypatch.setattr(runs, "pretrain_vision_tower", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs.pretrained_vision(world, progress=False)
+    folder = cache.artifact_dir("vision_pretrain", runs.vision_spec(world))
+    assert (folder / "partial" / "checkpoint.pt").exists() and not (folder / "manifest.json").exists()
+    monkeypatch.setattr(runs, "pretrain_vision_tower",
+                        lambda *a, **kw: real(*a, checkpoint_every=3, **kw))
+    resumed, info = runs.pretrained_vision(world, progress=False)
+    assert info.manifest["resumed_from"] == 3  # the last checkpoint before the interruption
+    assert not (folder / "partial").exists()
+    for k, v in reference.items():
+        assert torch.equal(v, resumed[k]), k

@@ -214,3 +214,25 @@ def test_parallel_runner_reports_each_notebook_and_keeps_the_order(fake_repo: Pa
     assert [(r.job.name, r.status) for r in results] == [("a", "ok"), ("b", "ok")]
     assert lines[0] == "running 2 notebooks, 2 at a time"
     assert sorted(line.split(":")[0] for line in lines[1:]) == ["[1/2] a", "[2/2] b"]
+
+
+def test_a_misspelled_parameter_fails_before_any_notebook_runs():
+    from atp_repro.notebook_runner import plan_runs
+
+    with pytest.raises(ValueError, match=r"-p n_tset: parameter 'n_tset' is not declared .*did you mean 'n_test'"):
+        plan_runs("mini", overrides={"n_tset": 10})
+    with pytest.raises(ValueError, match="components"):  # declared by the ablation only
+        plan_runs("mini", only=["supp_table2_additional_benchmarks"], overrides={"components": True})
+    jobs = plan_runs("mini", overrides={"components": True})
+    given = {job.notebook.stem: "components" in job.parameters for job in jobs}
+    assert given["ablation_temperature_and_position_encoding"] and not given["supp_table2_additional_benchmarks"]
+
+
+def test_a_params_file_with_an_undeclared_key_is_rejected(tmp_path, monkeypatch):
+    from atp_repro import notebook_runner
+
+    bad = tmp_path / "supp_table2_additional_benchmarks.yaml"
+    bad.write_text("n_tset: 10\n")
+    monkeypatch.setattr(notebook_runner, "params_file", lambda nb, profile: bad)
+    with pytest.raises(ValueError, match="n_tset"):
+        notebook_runner.plan_runs("smoke", only=["supp_table2_additional_benchmarks"])

@@ -11,6 +11,9 @@ and stores the spec and the SHA-256 of every file, so
   :class:`ArtifactError` in :func:`verify_artifact`; :func:`load_or_build` reports it with a
   warning, deletes the folder and rebuilds. A bad artifact is never silently used.
 
+Building is serialised per key with a file lock (``filelock``) in ``<root>/.locks``: a second
+process asking for an artifact that another process is building waits, then loads it.
+
 The root is ``<repo>/.cache/atp-repro`` (git-ignored), or ``$ATP_REPRO_CACHE`` if set.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from ..paths import atomic_write_bytes  # the project's one atomic writer
 
@@ -132,6 +136,22 @@ def load_or_build(
     left there earlier) and may return extra manifest fields (metrics, wall-time).
     """
     folder = artifact_dir(name, spec, root)
+    lock_dir = folder.parent / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_dir / f"{folder.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"atp-repro: another process is building {folder.name}; waiting for it", flush=True)
+        lock.acquire()
+    try:
+        return _load_or_build_locked(folder, spec, build, rebuild_corrupt)
+    finally:
+        lock.release()
+
+
+def _load_or_build_locked(folder: Path, spec: dict, build: Callable[[Path], dict | None],
+                          rebuild_corrupt: bool) -> tuple[Path, dict, str]:
     status = "built"
     if (folder / MANIFEST).exists():
         try:
@@ -139,7 +159,7 @@ def load_or_build(
         except ArtifactError as e:
             if not rebuild_corrupt:
                 raise
-            warnings.warn(f"discarding cached artifact: {e}; rebuilding", stacklevel=2)
+            warnings.warn(f"discarding cached artifact: {e}; rebuilding", stacklevel=3)
             shutil.rmtree(folder)
             status = "rebuilt"
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from atp_repro.cli import subcommand
 
@@ -28,19 +29,44 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every option checked before any work starts (ValueError naming the option, value and what is allowed)."""
+    baseline = getattr(args, "baseline", None)
+    atp_only = {"--steps": args.steps is not None, "--frozen-lm": bool(args.frozen_lm)}
+    for option, given in atp_only.items():
+        if given and args.stage != "atp":
+            raise ValueError(f"{option} applies to --stage atp only (got --stage {args.stage})")
+    if args.tokens_576 is not None and args.stage != "atp" and not baseline:
+        raise ValueError(f"--tokens-576 applies to --stage atp or --baseline only (got --stage {args.stage})")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be an int >= 1, got {args.steps}")
+    if args.tokens_576 is not None and not (math.isfinite(args.tokens_576) and 0 < args.tokens_576 <= 576):
+        raise ValueError(f"--tokens-576 must be a number of tokens in (0, 576], got {args.tokens_576}")
+    n_test = getattr(args, "n_test", None)
+    if n_test is not None and n_test < 1:
+        raise ValueError(f"--n-test must be an int >= 1, got {n_test}")
+
+
 def _load(args: argparse.Namespace):
+    check_args(args)
     from atp_repro.mini.experiments import Setup, Variant
 
     setup = Setup.load(args.config, finetune_steps=args.steps)
     if getattr(args, "baseline", None):
+        from atp_repro.baselines import stage_counts
         from atp_repro.mini.runs import tokens_for_576
 
         tokens = tokens_for_576(args.tokens_576 if args.tokens_576 is not None else 144.0, setup.grid)
+        try:  # before the upper bound is loaded (or trained)
+            stage_counts(args.baseline, tokens, setup.world.model.lm_layers, setup.grid ** 2)
+        except ValueError as err:
+            grid = f"{setup.grid}x{setup.grid}"
+            raise ValueError(f"--tokens-576 {args.tokens_576}: {err} (grid units of {grid})") from err
         return setup.baseline(args.baseline, tokens), setup.world
     if args.stage == "upper-bound":
         return setup.upper_bound(progress=not args.no_progress), setup.world
     # the same runs as the notebooks' catalogue (trainable_144, frozen_88, ...), so the cache is shared
-    variant = Variant(args.tokens_576 or 144.0, bool(args.frozen_lm),
+    variant = Variant(144.0 if args.tokens_576 is None else args.tokens_576, bool(args.frozen_lm),
                       (("position_encoding", "original"),) if args.frozen_lm else ())
     return setup.finetune(variant, progress=not args.no_progress), setup.world
 

@@ -96,14 +96,17 @@ class Setup:
         if grid is not None:
             world = world.replace(model=world.model.replace(patch_size=world.model.image_size // grid))
         if ub_steps is not None or n_train_ub is not None:
-            steps = ub_steps or world.train.steps
+            steps = world.train.steps if ub_steps is None else ub_steps
             world = world.replace(train=world.train.replace(
-                steps=steps, n_train=n_train_ub or max(world.train.n_train, steps * world.train.batch_size)))
+                steps=steps, n_train=max(world.train.n_train, steps * world.train.batch_size)
+                if n_train_ub is None else n_train_ub))
         if n_test is not None:
             world = world.replace(n_test=n_test)
         if pretrain_steps is not None:
             world = world.replace(pretrain=world.pretrain.replace(steps=pretrain_steps))
-        return cls(cfg, world, finetune_steps or runs.FINETUNE_STEPS, n_test)
+        if finetune_steps is not None and not (isinstance(finetune_steps, int) and finetune_steps >= 1):
+            raise ValueError(f"finetune_steps must be an int >= 1, got {finetune_steps!r}")
+        return cls(cfg, world, runs.FINETUNE_STEPS if finetune_steps is None else finetune_steps, n_test)
 
     @property
     def grid(self) -> int:

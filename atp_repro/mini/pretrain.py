@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -156,8 +158,17 @@ class PerceptionHeads(nn.Module):
 
 
 def pretrain_vision_tower(model, grid: int, scene_cfg: SceneConfig, cfg: PretrainConfig, *,
-                          world_seed: int = 0, progress: bool = True) -> dict:
-    """Train ``model.model.vision_tower`` in place on dense perception targets; returns a summary."""
+                          world_seed: int = 0, progress: bool = True, checkpoint_path: Path | None = None,
+                          run_hash: str = "", checkpoint_every: int = 250,
+                          on_step: Callable[[int], None] | None = None) -> dict:
+    """Train ``model.model.vision_tower`` in place on dense perception targets; returns a summary.
+
+    With ``checkpoint_path``, the state (tower, heads, optimizer, schedule, RNG, losses) is saved every
+    ``checkpoint_every`` steps and at the end; a later call with the same ``run_hash`` resumes from it
+    and ends with the same weights as an uninterrupted run. ``on_step(done)`` runs after each step.
+    """
+    from .train import _load_checkpoint, _save_checkpoint
+
     torch.set_num_threads(cfg.num_threads)
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
@@ -168,9 +179,19 @@ def pretrain_vision_tower(model, grid: int, scene_cfg: SceneConfig, cfg: Pretrai
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(round(cfg.warmup_ratio * cfg.steps))) if cfg.warmup_ratio > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.steps, warm))
+    start, wall, losses, parts = 0, 0.0, [], {}
+    state = _load_checkpoint(checkpoint_path, run_hash) if checkpoint_path is not None else None
+    if state is not None:
+        tower.load_state_dict(state["tower"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, wall, losses, parts = state["step"], state["wall_time_s"], state["losses"], state["parts"]
     tower.train()
-    losses, t0 = [], time.perf_counter()
-    for step in tqdm(range(cfg.steps), disable=not progress, desc="pretrain vision"):
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+                     desc="pretrain vision"):
+        t0 = time.perf_counter()
         items = [scene_targets(step * cfg.batch_size + b, grid, scene_cfg, world_seed) for b in range(cfg.batch_size)]
         pixels = torch.stack([x for x, _ in items])
         targets = {k: torch.stack([t[k] for _, t in items]) for k in items[0][1]}
@@ -182,5 +203,16 @@ def pretrain_vision_tower(model, grid: int, scene_cfg: SceneConfig, cfg: Pretrai
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        wall += time.perf_counter() - t0
+        done = step + 1
+        if checkpoint_path is not None and (done % checkpoint_every == 0 or done == cfg.steps):
+            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(checkpoint_path, {
+                "step": done, "tower": tower.state_dict(), "heads": heads.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "wall_time_s": wall,
+                "losses": losses, "parts": parts}, run_hash)
+        if on_step is not None:
+            on_step(done)
     tower.eval()
-    return {"pretrain_wall_time_s": time.perf_counter() - t0, "pretrain_losses": losses, "pretrain_final_parts": parts}
+    return {"pretrain_wall_time_s": wall, "pretrain_losses": losses, "pretrain_final_parts": parts,
+            "resumed_from": start}

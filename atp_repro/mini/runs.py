@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,10 @@ class MiniWorldConfig:
 
     def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
         """Single-turn samples of ``split``, or (``turns > 1``) the upper bound's training conversations."""
-        n = n or {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
+        if n is None:
+            n = {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"n (samples of the {split} split) must be an int >= 1, got {n!r}")
         conversation = {"simple_fraction": self.ub_simple_fraction,
                         "family_weights": self.ub_family_weights} if turns > 1 else {}
         return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
@@ -170,8 +174,13 @@ def pretrained_vision(world: MiniWorldConfig, *, progress: bool = True) -> tuple
     def build(folder: Path) -> dict:
         model = build_model(world.model, tok)
         summary = pretrain_vision_tower(model, world.grid, world.scene, world.pretrain,
-                                        world_seed=world.world_seed, progress=progress)
+                                        world_seed=world.world_seed, progress=progress,
+                                        checkpoint_path=folder / "partial" / "checkpoint.pt",
+                                        run_hash=spec_hash(spec))
         torch.save(model.model.vision_tower.state_dict(), folder / "vision_tower.pt")
+        partial = folder / "partial"
+        if partial.exists():
+            shutil.rmtree(partial)
         return {"wall_time_s": summary["pretrain_wall_time_s"], **summary}
 
     folder, manifest, status = load_or_build("vision_pretrain", spec, build)
@@ -338,6 +347,10 @@ def world_from_config(cfg=None, **changes: Any) -> MiniWorldConfig:
     ``changes`` replace fields of the resulting :class:`MiniWorldConfig` (``model=...`` etc.).
     """
     cfg = cfg or load_mini_config()
+    if getattr(cfg, "scale", "mini") != "mini":
+        raise ValueError(f"the mini world needs a config with scale: mini (e.g. configs/mini_world.yaml); "
+                         f"got scale: {cfg.scale!r} ({getattr(cfg, 'name', 'config')}); real-scale configs train "
+                         "with local weights on GPUs (docs/usage.md)")
     base = MiniWorldConfig()
     grid = cfg.model.vision_grid
     if base.model.image_size % grid:
@@ -377,7 +390,7 @@ def atp_from_config(cfg=None, *, grid: int | None = None, **changes: Any):
 
     cfg = cfg or load_mini_config()
     kwargs = cfg.atp_kwargs()
-    g = grid or cfg.model.vision_grid
+    g = cfg.model.vision_grid if grid is None else grid
     kwargs["grid_strides"] = tuple(s for s in kwargs["grid_strides"] if s <= g)
     kwargs.update(changes)
     return ATPConfig(**kwargs)

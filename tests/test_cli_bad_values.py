@@ -1,0 +1,48 @@
+"""Bad CLI values fail before any work starts, with a message naming the option (a table of cases)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from atp_repro.cli import main
+
+CASES = [
+    # (argv, text the error must contain)
+    (["train", "--stage", "atp", "--steps", "0"], "--steps"),
+    (["train", "--stage", "atp", "--steps", "-5"], "--steps"),
+    (["train", "--steps", "10"], "--steps applies to --stage atp"),
+    (["train", "--frozen-lm"], "--frozen-lm applies to --stage atp"),
+    (["train", "--tokens-576", "88"], "--tokens-576 applies to"),
+    (["train", "--stage", "atp", "--tokens-576", "0"], "--tokens-576"),
+    (["train", "--stage", "atp", "--tokens-576", "-3"], "--tokens-576"),
+    (["train", "--stage", "atp", "--tokens-576", "inf"], "--tokens-576"),
+    (["train", "--stage", "atp", "--tokens-576", "nan"], "--tokens-576"),
+    (["train", "--stage", "atp", "--tokens-576", "1e6"], "--tokens-576"),
+    (["train", "--stage", "atp", "--tokens-576", "many"], "--tokens-576"),
+    (["train", "--stage", "final"], "--stage"),
+    (["train", "--steps", "1.5"], "--steps"),
+    (["eval", "--n-test", "0"], "--n-test"),
+    (["eval", "--n-test", "-5"], "--n-test"),
+    (["eval", "--n-test", "nan"], "--n-test"),
+    (["eval", "--baseline", "fastv", "--stage", "atp"], "--baseline"),
+    (["eval", "--baseline", "fastvv"], "--baseline"),
+    (["eval", "--baseline", "fastv", "--tokens-576", "10"], "--tokens-576"),
+    (["eval", "--baseline", "fastv", "--tokens-576", "inf"], "--tokens-576"),
+    (["train", "--config", "configs/llava15_7b_atp.yaml"], "scale"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_values_fail_fast_naming_the_option(argv, expected, capsys):
+    start = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse errors (type, choices)
+        code = exit_.code
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code not in (0, None), (argv, err)
+    assert expected in err, err
+    assert elapsed < 5.0, f"{argv}: {elapsed:.1f} s (something started work before failing)"
