@@ -27,7 +27,7 @@ def set_thresholds(model, theta_r: float, theta_s: float = 0.999) -> None:
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_keeping_everything_reproduces_the_stock_model(impl):
     stock = tiny_llava(attn_implementation=impl)
-    model = apply_atp(tiny_llava(attn_implementation=impl), ATPConfig(module_layers=LAYERS, fixed_keep=(64, 99, 64)))
+    model = apply_atp(tiny_llava(attn_implementation=impl), ATPConfig(module_layers=LAYERS, fixed_keep=(64, 64, 64)))
     inputs = tiny_inputs(stock, prefix_lengths=(3, 5), prompt_lengths=(6, 2))
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, atol=1e-5, rtol=0)
@@ -226,6 +226,21 @@ def test_bad_inputs_raise_clear_errors():
     flash.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="additive float masks"):
         flash(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_target", float("inf")), ("n_target", float("nan")), ("lambda_atp", float("inf")),
+    ("lambda_target", float("nan")), ("module_layers", (True, 2, 3)), ("fixed_keep", (8, 16, 4)),
+    ("fixed_keep", (8, True, 0)),
+])
+def test_config_rejects_non_finite_boolean_and_increasing_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        ATPConfig(module_layers=LAYERS, **{field: value})
+
+
+def test_fixed_keep_larger_than_the_grid_is_rejected_at_apply_time():
+    with pytest.raises(ValueError, match=r"fixed_keep=\(99, 64, 64\) keeps more than the model's 64"):
+        apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(99, 64, 64)))
 
 
 def test_has_atp():

@@ -56,7 +56,7 @@ def _stock_redundancy(layer: int, inputs: dict, answer_tokens: int = 0) -> torch
 
 @pytest.mark.parametrize("k", [5, 20])
 def test_kept_tokens_are_the_top_k_of_the_stock_models_attention(k):
-    model = apply_atp(tiny_llava(attn_implementation="eager"), ATPConfig(module_layers=LAYERS, fixed_keep=(k, 64, 64)))
+    model = apply_atp(tiny_llava(attn_implementation="eager"), ATPConfig(module_layers=LAYERS, fixed_keep=(k, k, k)))
     inputs = tiny_inputs(model, prefix_lengths=(3,), prompt_lengths=(7,))
     with torch.no_grad():
         model(**inputs)
@@ -66,7 +66,7 @@ def test_kept_tokens_are_the_top_k_of_the_stock_models_attention(k):
 
 
 def test_answer_tokens_do_not_vote_in_the_cross_modality_score():
-    model = apply_atp(tiny_llava(attn_implementation="eager"), ATPConfig(module_layers=LAYERS, fixed_keep=(12, 64, 64)))
+    model = apply_atp(tiny_llava(attn_implementation="eager"), ATPConfig(module_layers=LAYERS, fixed_keep=(12, 12, 12)))
     inputs = tiny_inputs(model, prefix_lengths=(3,), prompt_lengths=(9,), seed=3)
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[:, -4:] = inputs["input_ids"][:, -4:]  # the last 4 tokens are the answer
@@ -83,7 +83,7 @@ def test_answer_tokens_do_not_vote_in_the_cross_modality_score():
 
 def test_an_explicit_answer_mask_is_the_same_as_labels():
     """HF Trainer drops labels with label smoothing or a custom loss; atp_answer_mask says it instead."""
-    config = ATPConfig(module_layers=LAYERS, fixed_keep=(12, 64, 64))
+    config = ATPConfig(module_layers=LAYERS, fixed_keep=(12, 12, 12))
     model = apply_atp(tiny_llava(attn_implementation="eager"), config)
     inputs = tiny_inputs(model, prefix_lengths=(3,), prompt_lengths=(9,), seed=3)
     labels = torch.full_like(inputs["input_ids"], -100)

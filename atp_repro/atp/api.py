@@ -75,6 +75,10 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         raise ValueError("the model config has no image_token_id; ATP finds the vision span from it")
+    num_vision = _grid_size_hint(model) ** 2
+    if config.fixed_keep is not None and max(config.fixed_keep) > num_vision:
+        raise ValueError(f"ATPConfig.fixed_keep={config.fixed_keep} keeps more than the model's {num_vision} vision "
+                         f"tokens; allowed: counts in 0..{num_vision}")
 
     reference = next(lm.parameters())
     lm.atp_modules = nn.ModuleList(

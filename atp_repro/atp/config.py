@@ -27,6 +27,10 @@ IMPORTANCES = ("both", "self", "cross", "last", "uniform", "random")
 CRITERIA = ("both", "redundancy", "spatial")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"ATPConfig.{name}={value!r} is invalid: expected {allowed}.")
 
@@ -111,7 +115,7 @@ class ATPConfig:
             object.__setattr__(self, "fixed_keep", tuple(self.fixed_keep))
 
         layers = self.module_layers
-        if not layers or any(not isinstance(x, int) or x < 0 for x in layers):
+        if not layers or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers):
             _fail("module_layers", layers, "a non-empty tuple of non-negative ints")
         if any(b <= a for a, b in zip(layers, layers[1:])):
             _fail("module_layers", layers, "strictly increasing layer indices")
@@ -130,16 +134,20 @@ class ATPConfig:
         sections = self.rope2d_sections
         if len(sections) != 3 or any(s < 0 for s in sections) or not math.isclose(sum(sections), 1.0):
             _fail("rope2d_sections", sections, "three non-negative fractions summing to 1")
-        if not self.n_target > 0:
-            _fail("n_target", self.n_target, "a number of tokens > 0")
+        if not (_is_number(self.n_target) and math.isfinite(self.n_target) and self.n_target > 0):
+            _fail("n_target", self.n_target, "a finite number of tokens > 0")
         for name in ("lambda_atp", "lambda_target"):
-            if not getattr(self, name) >= 0:
-                _fail(name, getattr(self, name), "a float >= 0")
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                _fail(name, value, "a finite float >= 0")
         if self.fixed_keep is not None:
             if len(self.fixed_keep) != len(layers):
                 _fail("fixed_keep", self.fixed_keep, f"one count per module ({len(layers)} values) or None")
-            if any(not isinstance(k, int) or k < 0 for k in self.fixed_keep):
+            if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in self.fixed_keep):
                 _fail("fixed_keep", self.fixed_keep, "non-negative ints")
+            if any(b > a for a, b in zip(self.fixed_keep, self.fixed_keep[1:])):
+                _fail("fixed_keep", self.fixed_keep, "non-increasing counts (a later module cannot keep tokens an "
+                      "earlier one dropped)")
         if self.scoring_backend not in SCORING_BACKENDS:
             _fail("scoring_backend", self.scoring_backend, f"one of {SCORING_BACKENDS}")
         if not (isinstance(self.threshold_hidden, int) and self.threshold_hidden > 0):
