@@ -235,7 +235,7 @@ def test_bad_inputs_raise_clear_errors():
 ])
 def test_config_rejects_non_finite_boolean_and_increasing_values(field, value):
     with pytest.raises(ValueError, match=field):
-        ATPConfig(module_layers=LAYERS, **{field: value})
+        ATPConfig(**{"module_layers": LAYERS, field: value})
 
 
 def test_fixed_keep_larger_than_the_grid_is_rejected_at_apply_time():
