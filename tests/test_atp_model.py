@@ -243,6 +243,23 @@ def test_fixed_keep_larger_than_the_grid_is_rejected_at_apply_time():
         apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(99, 64, 64)))
 
 
+def test_a_truncated_weights_file_names_itself_and_leaves_the_model_stock(tmp_path):
+    from atp_repro import has_atp, load_atp, save_atp
+
+    save_atp(apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS)), tmp_path)
+    weights = tmp_path / "atp_modules.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=r"atp_modules\.pt: cannot load .* left unchanged"):
+        load_atp(model, tmp_path)
+    assert not has_atp(model)
+    save_atp(apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS)), tmp_path)  # repaired: a retry works
+    assert has_atp(load_atp(model, tmp_path))
+    (tmp_path / "atp_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="atp_config.json"):
+        load_atp(tiny_llava(), tmp_path)
+
+
 def test_has_atp():
     from atp_repro import has_atp
 

@@ -233,11 +233,26 @@ def save_atp(model: nn.Module, directory: str | Path) -> None:
 
 
 def load_atp(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Apply the ATP config saved in ``directory`` to a stock model and load the module weights."""
+    """Apply the ATP config saved in ``directory`` to a stock model and load the module weights.
+
+    The files are read and checked before the model is touched: a missing, truncated or mismatched
+    file raises an error naming it and leaves the model stock (a retry can succeed)."""
     directory = Path(directory)
-    config = ATPConfig.load(directory / ATP_CONFIG_FILE)
+    config_path, weights_path = directory / ATP_CONFIG_FILE, directory / ATP_WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (save_atp writes {ATP_CONFIG_FILE} and {ATP_WEIGHTS_FILE})")
+    config = ATPConfig.load(config_path)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        with torch.random.fork_rng(devices=[]):  # a throw-away copy to check the keys and shapes
+            probe = nn.ModuleList(ATPModule(config, i, _language_model(model).config.hidden_size,
+                                            _grid_size_hint(model)) for i in range(config.num_modules))
+        probe.load_state_dict(state)
+    except Exception as err:  # truncated / foreign file, or weights of another config or model size
+        raise ValueError(f"{weights_path}: cannot load the ATP module weights ({type(err).__name__}: {err}); "
+                         "the model was left unchanged") from err
     apply_atp(model, config)
-    state = torch.load(directory / ATP_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     _language_model(model).atp_modules.load_state_dict(state)
     return model
 
