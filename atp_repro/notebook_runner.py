@@ -27,6 +27,8 @@ import ast
 import difflib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -290,17 +292,61 @@ def _check_overrides(overrides: Mapping[str, Any], declared: Mapping[Path, Mappi
             raise ValueError(f"-p {name}: {_unknown_message(name, known, where)}")
 
 
+def notebook_outputs(stem: str, output_dir: str | None) -> list[Path]:
+    """The files a notebook named ``stem`` has written: ``tables/<stem>.*`` and ``figures/<stem>[_.]*``."""
+    root = paths.output_root(output_dir)
+    found = list((root / "tables").glob(f"{stem}.*")) + list((root / "figures").glob(f"{stem}.*"))
+    found += list((root / "figures").glob(f"{stem}_*"))
+    return sorted(p for p in found if p.is_file())
+
+
+def _restore_outputs(stem: str, output_dir: str | None, backup: Path, saved: list[Path]) -> None:
+    """Put a notebook's outputs back as they were before a failed run (new files go, old ones return)."""
+    for path in notebook_outputs(stem, output_dir):
+        path.unlink()
+    root = paths.output_root(output_dir)
+    for path in saved:
+        target = root / path.relative_to(backup)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
 def execute_job(
     job: NotebookJob, *, cell_timeout: int | None = None, log_output: bool = False
 ) -> NotebookResult:
-    """Execute one job with papermill (kernel ``python3``, working directory = repo root)."""
-    import papermill
+    """Execute one job with papermill (kernel ``python3``, working directory = repo root).
 
+    All or nothing: the notebook's previous tables, figures and provenance are set aside first and
+    put back if it fails, so a failed run never leaves new and stale outputs side by side.
+    """
     if job.skip_reason:
         return NotebookResult(job, "skipped", error=job.skip_reason)
     root = paths.repo_root()
     job.output.parent.mkdir(parents=True, exist_ok=True)
     os.environ[paths.ROOT_ENV_VAR] = str(root)  # inherited by the kernel
+    output_dir = job.parameters.get(OUTPUT_DIR_PARAM)
+    with tempfile.TemporaryDirectory(prefix=f"{job.name}-outputs-") as tmp:
+        backup = Path(tmp)
+        out_root = paths.output_root(output_dir)
+        saved = []
+        for path in notebook_outputs(job.name, output_dir):
+            copy = backup / path.relative_to(out_root)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy)
+            saved.append(copy)
+        try:
+            result = _execute(job, root, cell_timeout, log_output)
+        except BaseException:  # e.g. Ctrl-C while the kernel runs
+            _restore_outputs(job.name, output_dir, backup, saved)
+            raise
+        if result.status != "ok":
+            _restore_outputs(job.name, output_dir, backup, saved)
+        return result
+
+
+def _execute(job: NotebookJob, root: Path, cell_timeout: int | None, log_output: bool) -> NotebookResult:
+    import papermill
+
     start = time.perf_counter()
     try:
         papermill.execute_notebook(

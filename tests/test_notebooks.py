@@ -236,3 +236,27 @@ def test_a_params_file_with_an_undeclared_key_is_rejected(tmp_path, monkeypatch)
     monkeypatch.setattr(notebook_runner, "params_file", lambda nb, profile: bad)
     with pytest.raises(ValueError, match="n_tset"):
         notebook_runner.plan_runs("smoke", only=["supp_table2_additional_benchmarks"])
+
+
+def test_a_failing_notebook_leaves_its_previous_outputs_untouched(fake_repo: Path, notebook_factory) -> None:
+    """All or nothing: new tables and figures of a failed run go, the previous ones come back."""
+    write = ("from atp_repro import paths\n"
+             "(paths.tables_dir(output_dir) / 'c.csv').write_text('new')\n"
+             "(paths.tables_dir(output_dir) / 'c.extra.csv').write_text('new')\n"
+             "(paths.figures_dir(output_dir) / 'c_plot.png').write_text('new')")
+    notebook_factory(fake_repo / "notebooks" / "c.ipynb", body=(write, "1 / 0"))
+    out = fake_repo / "build" / "notebooks" / "smoke"
+    (out / "tables").mkdir(parents=True)
+    (out / "tables" / "c.csv").write_text("old")
+    (out / "tables" / "c.provenance.json").write_text("old")
+    (out / "tables" / "other.csv").write_text("someone else's")
+    results = nr.run_notebooks(nr.plan_runs("smoke"), echo=lambda *_: None)
+    assert [r.status for r in results] == ["failed"]
+    assert (out / "tables" / "c.csv").read_text() == "old"
+    assert (out / "tables" / "c.provenance.json").read_text() == "old"
+    assert not (out / "tables" / "c.extra.csv").exists() and not (out / "figures" / "c_plot.png").exists()
+    assert (out / "tables" / "other.csv").read_text() == "someone else's"
+    # the same notebook without the error replaces its outputs
+    notebook_factory(fake_repo / "notebooks" / "c.ipynb", body=(write,))
+    assert [r.status for r in nr.run_notebooks(nr.plan_runs("smoke"), echo=lambda *_: None)] == ["ok"]
+    assert (out / "tables" / "c.csv").read_text() == "new" and (out / "figures" / "c_plot.png").exists()
