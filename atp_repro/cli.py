@@ -159,7 +159,14 @@ def _run_profile(args: argparse.Namespace, profile: str) -> int:
 
     if args.jobs < 1:
         raise ValueError(f"--jobs={args.jobs}: must be >= 1")
-    overrides = {name: yaml.safe_load(value) for name, value in args.parameter}
+    if args.cell_timeout is not None and args.cell_timeout <= 0:
+        raise ValueError(f"--cell-timeout={args.cell_timeout}: must be a number of seconds > 0 (omit it for none)")
+    overrides = {}
+    for name, value in args.parameter:
+        try:
+            overrides[name] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"-p {name} {value!r}: VALUE is not valid YAML ({' '.join(str(err).split())})") from None
     jobs = nr.plan_runs(profile, only=args.only, output_dir=args.output_dir, overrides=overrides)
     if args.list:
         for job in jobs:

@@ -168,3 +168,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically, with ``\\n`` line endings."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_file(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` resolved, checked *before* any work that ends by writing it: not a directory, and its
+    folder exists and is writable. Raises ValueError naming ``option``."""
+    target = resolve(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: folder {folder} is not writable")
+    return target

@@ -573,7 +573,35 @@ def parse_training_config(
     )
 
 
-def load_training_config(path: str | os.PathLike[str]) -> TrainingConfig:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_file(file: Path, source: str) -> Any:
+    """The YAML document of ``file``; a directory, invalid YAML or a duplicate key is a ConfigError."""
+    if file.is_dir():
+        raise ConfigError("(file)", "is a directory; expected a YAML config file", source)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError("(file)", f"not valid YAML: {' '.join(str(err).split())}", source) from None
+
+
+def load_training_config(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> TrainingConfig:
     """Load, merge (``inherits``) and validate a training config YAML.
 
     Relative paths resolve from the repository root; ``inherits`` resolves from the folder of the
@@ -586,14 +614,16 @@ def load_training_config(path: str | os.PathLike[str]) -> TrainingConfig:
     """
     file = paths.resolve(path)
     source = _display(file)
-    with open(file, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    if file.resolve() in _chain:
+        names = " -> ".join(_display(f) for f in (*_chain, file.resolve()))
+        raise ConfigError("inherits", f"a config cannot inherit itself ({names})", source)
+    data = load_yaml_file(file, source)
     try:
         base = None
         inherits = data.get("inherits") if isinstance(data, Mapping) else None
         if inherits is not None:
             parent = (file.parent / inherits).resolve()
-            base = load_training_config(parent)
+            base = load_training_config(parent, (*_chain, file.resolve()))
             inherits = _display(parent)
         cfg = parse_training_config(data, base=base, inherits=inherits)
         _check_deepspeed_json(cfg)

@@ -46,3 +46,36 @@ def test_bad_values_fail_fast_naming_the_option(argv, expected, capsys):
     assert code not in (0, None), (argv, err)
     assert expected in err, err
     assert elapsed < 5.0, f"{argv}: {elapsed:.1f} s (something started work before failing)"
+
+
+MORE_CASES = [
+    (["run-notebooks", "--only", "supp_table1_hyperparameters", "-p", "k", "[1,"], "-p k"),
+    (["run-notebooks", "--only", "supp_table1_hyperparameters", "--cell-timeout", "0"], "--cell-timeout"),
+    (["run-notebooks", "--only", "supp_table1_hyperparameters", "--jobs", "0"], "--jobs"),
+    (["run-notebooks", "-p", "n_tset", "10"], "n_tset"),
+    (["run-notebooks", "--only", "supp_table_1"], "no such notebook"),
+    (["bench", "--output", "."], "--output"),
+    (["bench", "--output", "no/such/folder/x.csv"], "--output"),
+    (["bench", "--fixed-keep", "-1", "2", "3"], "--fixed-keep"),
+    (["eval", "--out", "no/such/folder/x.csv"], "--out"),
+    (["eval", "--out", "."], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", MORE_CASES, ids=[" ".join(a) for a, _ in MORE_CASES])
+def test_more_bad_values_fail_fast(argv, expected, capsys):
+    test_bad_values_fail_fast_naming_the_option(argv, expected, capsys)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a: [1,\n", "not valid YAML"),
+    ("name: x\nname: y\n", "duplicate key 'name'"),
+    ("name: x\nscale: mini\ninherits: self.yaml\n", "cannot inherit itself"),
+])
+def test_show_config_reports_bad_files_without_a_traceback(tmp_path, capsys, text, expected):
+    path = tmp_path / "self.yaml"
+    path.write_text(text)
+    assert main(["show-config", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    assert main(["show-config", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

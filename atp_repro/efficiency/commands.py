@@ -43,6 +43,7 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
 
         if args.preset not in PRESETS:
             raise ValueError(f"argument --preset: {args.preset!r} is not one of {sorted(PRESETS)}")
+        output = paths.check_output_file(args.output, "--output") if args.output else None
         if args.fixed_keep is not None and any(k < 0 for k in args.fixed_keep):
             raise ValueError(f"argument --fixed-keep: counts must be >= 0, got {args.fixed_keep}")
         try:
@@ -64,7 +65,7 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
         print(to_markdown(result.summary[columns]), end="")
         print(to_markdown(efficiency_metrics(result.summary)), end="")
         if args.output:
-            path = paths.atomic_write_text(paths.resolve(args.output), result.runs.to_csv(index=False))
+            path = paths.atomic_write_text(output, result.runs.to_csv(index=False))
             print(f"per-run rows: {path}")
         return 0
 

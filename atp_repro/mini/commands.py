@@ -45,6 +45,10 @@ def check_args(args: argparse.Namespace) -> None:
     n_test = getattr(args, "n_test", None)
     if n_test is not None and n_test < 1:
         raise ValueError(f"--n-test must be an int >= 1, got {n_test}")
+    if getattr(args, "out", None):
+        from atp_repro.paths import check_output_file
+
+        args.out = str(check_output_file(args.out, "--out"))  # resolved as bench resolves --output
 
 
 def _load(args: argparse.Namespace):
@@ -124,7 +128,9 @@ def _eval(parser: argparse.ArgumentParser):
             print(pope.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(json.dumps(res.tokens(), indent=2))
         if args.out:
-            res.records.to_csv(args.out, index=False)
+            from atp_repro.paths import atomic_write_text
+
+            atomic_write_text(args.out, res.records.to_csv(index=False))
         return 0
 
     return run
