@@ -24,6 +24,7 @@ only declared parameters.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import json
 import os
@@ -447,8 +448,14 @@ def _write_summary(results: Sequence[NotebookResult]) -> None:
             }
         )
     for folder, rows in by_folder.items():
-        text = json.dumps(rows, indent=2, default=str) + "\n"
-        paths.atomic_write_text(folder / "run-summary.json", text)
+        # A later run of some notebooks (--only) updates their entries and keeps the others'.
+        previous = []
+        with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: start afresh
+            previous = json.loads((folder / "run-summary.json").read_text())
+        ran = {row["notebook"] for row in rows}
+        kept = [row for row in previous if isinstance(row, dict) and row.get("notebook") not in ran]
+        merged = sorted(kept + rows, key=lambda row: str(row.get("notebook")))
+        paths.atomic_write_text(folder / "run-summary.json", json.dumps(merged, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,13 @@ MORE_CASES = [
     (["bench", "--fixed-keep", "-1", "2", "3"], "--fixed-keep"),
     (["eval", "--out", "no/such/folder/x.csv"], "--out"),
     (["eval", "--out", "."], "--out"),
+    (["reproduce", "--jobs", "0"], "--jobs"),
+    (["reproduce", "-p", "n_tset", "3"], "n_tset"),
+    (["reproduce", "--cell-timeout", "-1"], "--cell-timeout"),
+    (["verify", "--root", "no/such/checkout"], "no manifest"),
+    (["index", "--record-times", "hot"], "--record-times"),
+    (["claims-summary", "--tables", "no/such"], "--tables"),
+    (["paper-numbers", "--artifact", "supp_table99"], "supp_table99"),
 ]
 
 

@@ -260,3 +260,16 @@ def test_a_failing_notebook_leaves_its_previous_outputs_untouched(fake_repo: Pat
     notebook_factory(fake_repo / "notebooks" / "c.ipynb", body=(write,))
     assert [r.status for r in nr.run_notebooks(nr.plan_runs("smoke"), echo=lambda *_: None)] == ["ok"]
     assert (out / "tables" / "c.csv").read_text() == "new" and (out / "figures" / "c_plot.png").exists()
+
+
+def test_a_partial_run_updates_only_its_entries_of_the_run_summary(fake_repo: Path, notebook_factory) -> None:
+    for name in ("a", "b"):
+        notebook_factory(fake_repo / "notebooks" / f"{name}.ipynb")
+    nr.run_notebooks(nr.plan_runs("smoke"), echo=lambda *_: None)
+    summary = fake_repo / "build" / "notebooks" / "smoke" / "run-summary.json"
+    first = json.loads(summary.read_text())
+    assert [row["notebook"] for row in first] == ["a", "b"]
+    nr.run_notebooks(nr.plan_runs("smoke", only=["b"]), echo=lambda *_: None)
+    second = json.loads(summary.read_text())
+    assert [row["notebook"] for row in second] == ["a", "b"]
+    assert second[0] == first[0]  # a's entry is kept as it was
