@@ -32,6 +32,7 @@ __all__ = [
     "figure_path",
     "png_bytes",
     "save_and_show",
+    "save_pdf",
     "prefill_time_bars",
     "family_accuracy_bars",
     "tokens_vs_rate",
@@ -83,6 +84,15 @@ def save_and_show(fig: Any, notebook: str, what: str, output_dir: str | os.PathL
 
         display(Image(data=data, format="png"))
     return path
+
+
+def save_pdf(fig: Any, notebook: str, what: str = "", output_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write the figure as ``figures/<notebook>[_<what>].pdf``, atomically and without dates or
+    software versions (identical figures give identical bytes); the figure stays open."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="pdf", bbox_inches="tight", metadata={"CreationDate": None, "Producer": None,
+                                                                  "Creator": None})
+    return paths.atomic_write_bytes(figure_path(notebook, what, output_dir).with_suffix(".pdf"), buf.getvalue())
 
 
 def _annotate_bars(ax: Any, texts: Sequence[str]) -> None:

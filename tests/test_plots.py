@@ -59,3 +59,13 @@ def test_every_plot_draws_from_small_frames() -> None:
     for fig in figures:
         assert plots.png_bytes(fig).startswith(b"\x89PNG")
     plt.close("all")
+
+
+def test_save_pdf_is_atomic_and_deterministic(tmp_path: Path) -> None:
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    first = plots.save_pdf(fig, "nb", "what", tmp_path).read_bytes()
+    second = plots.save_pdf(fig, "nb", "what", tmp_path).read_bytes()
+    assert first == second and first.startswith(b"%PDF")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["nb_what.pdf"]  # no temp files left
+    plt.close(fig)
