@@ -169,3 +169,36 @@ def test_a_deep_copy_before_any_forward_matches_the_original():
     expected = _greedy(stock, inputs)
     assert torch.equal(_greedy(twin, inputs), expected) and torch.equal(_greedy(atp, inputs), expected)
     assert twin.generate.model is twin and atp.generate.model is atp
+
+
+def test_torch_compile_with_graph_breaks_and_compiled_decoder_layers_match_eager():
+    """ATP's pruning decisions are data-dependent, so dynamo breaks the graph around them: compiling the
+    whole model (default, graph breaks allowed) or only its decoder layers gives the eager outputs."""
+    config = ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8))
+    eager = apply_atp(tiny_llava(), config)
+    inputs = tiny_inputs(eager, prefix_lengths=(3, 5), prompt_lengths=(6, 2))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = eager(**inputs).logits
+        whole = torch.compile(eager, backend="eager")(**inputs).logits
+    torch.testing.assert_close(whole, expected, rtol=0, atol=0)
+    layered = apply_atp(tiny_llava(), config)
+    for layer in layered.model.language_model.layers:
+        layer.compile(backend="eager", dynamic=True)  # sequence lengths change at every pruning layer
+    with torch.no_grad():
+        torch.testing.assert_close(layered(**inputs).logits, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(_greedy(layered, inputs), _greedy(eager, inputs))
+    torch._dynamo.reset()
+
+
+def test_fullgraph_compile_is_a_documented_limitation():
+    """One graph cannot hold a per-sample, data-dependent number of kept tokens: fullgraph=True (and
+    torch.export) fail in dynamo on ATP's data-dependent branch; compile the decoder layers instead."""
+    model = apply_atp(tiny_llava(), ATPConfig(module_layers=LAYERS, fixed_keep=(32, 16, 8)))
+    inputs = tiny_inputs(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model(**inputs)  # transformers installs its output-capture hooks on the first call (not traceable)
+    with torch.no_grad(), pytest.raises(Exception, match="data-dependent"):
+        torch.compile(model, backend="eager", fullgraph=True)(**inputs)
+    torch._dynamo.reset()
