@@ -186,27 +186,42 @@ def rate_vs_tokens_by_method(points: pd.DataFrame, title: str, paper_points: pd.
     """Avg. Rate against average vision tokens, one line per method (a Pareto view across budgets).
 
     ``points``: columns ``method, tokens, rate, low, high`` (tokens as 576-equivalents, rates and the
-    95% interval in percent); ``paper_points`` (optional): ``label, tokens, rate`` drawn as grey squares.
+    95% interval in percent) and optionally ``flops`` (prefill FLOPs in % of the upper bound), drawn
+    as a second panel; ``paper_points`` (optional): ``label, tokens, rate`` drawn as grey squares.
     """
     use_style()
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    panels = [("tokens", "vision tokens, average over decoder layers (576-equivalent)")]
+    if "flops" in points.columns:
+        panels.append(("flops", "prefill FLOPs (% of the upper bound's)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels) * 0.75 + 2, 4.8), squeeze=False)
     data = points.sort_values(["method", "tokens"])
-    sns.lineplot(data=data, x="tokens", y="rate", hue="method", style="method", markers=True, dashes=False,
-                 ax=ax, errorbar=None)
-    palette = dict(zip(data["method"].unique(), sns.color_palette("colorblind", data["method"].nunique())))
-    for method, group in data.groupby("method", sort=False):
-        ax.errorbar(group["tokens"], group["rate"], yerr=[group["rate"] - group["low"], group["high"] - group["rate"]],
-                    fmt="none", ecolor=palette[method], capsize=3, alpha=0.8)
-    if paper_points is not None and len(paper_points):
-        ax.scatter(paper_points["tokens"], paper_points["rate"], marker="s", color=PAPER_COLOR, label="paper",
-                   zorder=3)
-        for r in paper_points.itertuples(index=False):
-            ax.annotate(r.label, (r.tokens, r.rate), xytext=(5, -10), textcoords="offset points", fontsize=9,
-                        color="#555555")
-    ax.set_xlabel("vision tokens, average over decoder layers (576-equivalent)")
-    ax.set_ylabel("Avg. Rate (% of the upper bound)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", title="method (95% interval)")
+    methods = list(data["method"].unique())
+    palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    for ax, (x, xlabel) in zip(axes[0], panels):
+        sns.lineplot(data=data, x=x, y="rate", hue="method", style="method", markers=True, dashes=False,
+                     palette=palette, ax=ax, errorbar=None, legend=ax is axes[0][-1])
+        for method, group in data.groupby("method", sort=False):
+            ax.errorbar(group[x], group["rate"], yerr=[group["rate"] - group["low"], group["high"] - group["rate"]],
+                        fmt="none", ecolor=palette[method], capsize=3, alpha=0.8)
+        if x == "tokens" and paper_points is not None and len(paper_points):
+            ax.scatter(paper_points["tokens"], paper_points["rate"], marker="s", color=PAPER_COLOR, label="paper",
+                       zorder=3)
+            for r in paper_points.itertuples(index=False):
+                ax.annotate(r.label, (r.tokens, r.rate), xytext=(5, -10), textcoords="offset points", fontsize=9,
+                            color="#555555")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Avg. Rate (% of the upper bound)")
+    handles, labels = [], []
+    for ax in axes[0]:
+        h, lab = ax.get_legend_handles_labels()
+        for hh, ll in zip(h, lab):
+            if ll not in labels:
+                handles.append(hh)
+                labels.append(ll)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    axes[0][-1].legend(handles, labels, loc="lower right", title="method (95% interval)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

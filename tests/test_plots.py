@@ -53,6 +53,9 @@ def test_every_plot_draws_from_small_frames() -> None:
         plots.rate_vs_tokens_by_method(pd.DataFrame({"method": ["a", "a", "b"], "tokens": [80.0, 128.0, 80.0],
                                                      "rate": [60.0, 80.0, 55.0], "low": [58.0, 78.0, 53.0],
                                                      "high": [62.0, 82.0, 57.0]}), "t", points),
+        plots.rate_vs_tokens_by_method(pd.DataFrame({"method": ["a", "b"], "tokens": [80.0, 80.0],
+                                                     "flops": [30.0, 31.0], "rate": [60.0, 55.0],
+                                                     "low": [58.0, 53.0], "high": [62.0, 57.0]}), "t"),
         plots.kept_token_distribution({"a": [1.0, 2.0, 2.5], "b": [3.0, 3.5]}, "t", "tokens"),
         plots.lr_schedules({"real": {"LLM": 2e-5, "ATP": 1e-4}}, {"real": 0.03}, "t"),
     ]

@@ -64,3 +64,26 @@ def runs_frame(runs: list[BaselineRun]) -> pd.DataFrame:
                      "budget_used": r.budget_used, "tokens": tok["tokens"], "tokens_576_equiv": tok["tokens_576_equiv"],
                      "layers": "default" if r.layers is None else ",".join(map(str, r.layers))})
     return pd.DataFrame(rows)
+
+
+def text_lengths(dataset, num_vision: int) -> list[int]:
+    """Prompt tokens other than the image's, per question of ``dataset`` (what pruning never touches)."""
+    return [len(dataset[i]["prompt_ids"]) - num_vision for i in range(len(dataset))]
+
+
+def prefill_flops_fraction(result: EvalResult, model, text: list[int]) -> float:
+    """Mean prefill FLOPs of ``result``'s questions as a fraction of the same questions unpruned.
+
+    Each question's FLOPs come from the analytic formula of the Table 3 study
+    (:func:`atp_repro.efficiency.flops.prefill_flops`, vision tower included) with its own prompt
+    length (``text``, from :func:`text_lengths`) and its own per-layer vision counts (``result.kept``),
+    so the attention's quadratic term is counted per question, not for an average length.
+    """
+    from atp_repro.efficiency.flops import ModelShapes, prefill_flops
+
+    shapes = ModelShapes.from_config(model)
+    if len(text) != len(result.kept):
+        raise ValueError(f"text has {len(text)} lengths for {len(result.kept)} evaluated questions")
+    pruned = sum(prefill_flops(shapes, t, [int(v) for v in kept]).total for t, kept in zip(text, result.kept))
+    full = sum(prefill_flops(shapes, t).total for t in text)
+    return pruned / full
