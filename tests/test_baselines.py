@@ -143,3 +143,25 @@ def test_cli_offers_every_method_and_rejects_bad_combinations():
     unknown = subprocess.run([sys.executable, "-m", "atp_repro", "eval", "--baseline", "fastvv"],
                              capture_output=True, text=True)
     assert unknown.returncode == 2 and "fastv" in unknown.stderr
+
+
+def test_prefill_flops_fraction_counts_each_question_with_its_own_lengths():
+    import numpy as np
+    import pandas as pd
+
+    from atp_repro.efficiency.flops import ModelShapes, prefill_flops
+    from atp_repro.mini.comparison import prefill_flops_fraction
+    from atp_repro.mini.evaluate import EvalResult
+
+    model = tiny_llava(num_layers=NUM_LAYERS, grid=GRID)
+    full = np.full((2, NUM_LAYERS), N)
+    result = EvalResult(pd.DataFrame({"family": ["a", "a"]}), full, GRID, 0.0)
+    assert prefill_flops_fraction(result, model, [5, 9]) == pytest.approx(1.0)
+    kept = np.array([[N] + [16] * 7, [N] + [4] * 7])
+    shapes = ModelShapes.from_config(model)
+    expected = (prefill_flops(shapes, 5, kept[0]).total + prefill_flops(shapes, 9, kept[1]).total) / (
+        prefill_flops(shapes, 5).total + prefill_flops(shapes, 9).total)
+    got = prefill_flops_fraction(EvalResult(result.records, kept, GRID, 0.0), model, [5, 9])
+    assert got == pytest.approx(expected) and got < 1.0
+    with pytest.raises(ValueError, match="lengths"):
+        prefill_flops_fraction(result, model, [5])
