@@ -177,8 +177,10 @@ class Setup:
 
         ub, tok, ub_info = self.upper_bound(progress=False)
         model = apply_baseline(ub, method, tokens, layers)
+        # "selection" names the version of the selection code (atp/controls.py, the "last" importance):
+        # change it when they change, so that cached evaluations are not reused.
         spec = {"kind": "baseline", "parent": ub_info.spec_hash, "method": method,
-                "atp": atp_config(model).to_dict()}
+                "atp": atp_config(model).to_dict(), "selection": "controls-vdc-1"}
         info = runs.RunInfo(f"baseline-{method}", ub_info.folder, "hit",
                             {"spec_hash": runs.spec_hash(spec), "wall_time_s": 0.0, "spec": spec})
         return model, tok, info
