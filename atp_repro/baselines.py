@@ -37,6 +37,7 @@ from torch import nn
 
 from .atp import ATPConfig, apply_atp
 from .atp.config import PAPER_NUM_LAYERS
+from .efficiency.models import average_vision_tokens, min_average_tokens
 
 METHODS = ("fastv", "pyramiddrop", "uniform", "random")
 FASTV_PAPER_K = 2  # FastV's default K on 32-layer LLaVA-1.5
@@ -54,32 +55,8 @@ def pyramiddrop_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(x for x in layers if x < num_layers)
 
 
-def layer_average(counts: list[float], starts: tuple[int, ...], num_layers: int, num_vision: int) -> float:
-    """Vision tokens averaged over decoder layers: ``num_vision`` before ``starts[0]``, ``counts[s]``
-    from ``starts[s]`` on."""
-    total, previous, current = 0.0, 0, float(num_vision)
-    for start, count in zip(starts, counts):
-        total += current * (start - previous)
-        previous, current = start, float(count)
-    return (total + current * (num_layers - previous)) / num_layers
-
-
-def _check_budget(budget: float, starts: tuple[int, ...], num_layers: int, num_vision: int, method: str) -> None:
-    floor = num_vision * starts[0] / num_layers
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and floor <= budget <= num_vision):
-        raise ValueError(
-            f"budget must be a number of vision tokens (layer average) in [{floor:g}, {num_vision}] for "
-            f"{method} with its first pruning before layer {starts[0]} of {num_layers}; got {budget!r}"
-        )
-
-
-def stage_counts(method: str, budget: float, num_layers: int, num_vision: int,
-                 layers: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(first layers of each pruned stage, tokens kept in each) for ``method`` at ``budget``.
-
-    ``layers`` overrides the method's default schedule (FastV / controls: one layer K; PyramidDrop:
-    its stage ends), given as the first decoder layer that sees each pruned stage.
-    """
+def schedule(method: str, num_layers: int, layers: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The first decoder layer of each pruned stage for ``method``: its default, or ``layers`` checked."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if layers is None:
@@ -89,20 +66,40 @@ def stage_counts(method: str, budget: float, num_layers: int, num_vision: int,
         raise ValueError(f"layers must be increasing decoder layers in [1, {num_layers - 1}], got {layers!r}")
     if method != "pyramiddrop" and len(layers) != 1:
         raise ValueError(f"layers for {method} must name one layer K, got {layers!r}")
-    _check_budget(budget, layers, num_layers, num_vision, method)
+    return layers
+
+
+def module_layers_of(starts: tuple[int, ...]) -> tuple[int, ...]:
+    """ATP's convention for a schedule: the module after layer l prunes from layer l + 1 on."""
+    return tuple(s - 1 for s in starts)
+
+
+def stage_counts(method: str, budget: float, num_layers: int, num_vision: int,
+                 layers: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(first layers of each pruned stage, tokens kept in each) for ``method`` at ``budget``.
+
+    ``layers`` overrides the method's default schedule (FastV / controls: one layer K; PyramidDrop:
+    its stage ends), given as the first decoder layer that sees each pruned stage.
+    """
+    layers = schedule(method, num_layers, layers)
+    modules = module_layers_of(layers)
+    floor = min_average_tokens(modules, num_layers, num_vision)
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and floor <= budget <= num_vision):
+        raise ValueError(
+            f"budget must be a number of vision tokens (layer average) in [{floor:g}, {num_vision}] for "
+            f"{method} with its first pruning before layer {layers[0]} of {num_layers}; got {budget!r}"
+        )
     if len(layers) == 1:
         k = (budget * num_layers - layers[0] * num_vision) / (num_layers - layers[0])
         return layers, (min(num_vision, max(0, round(k))),)
-    # PyramidDrop: one ratio lambda per stage, kept counts N * lambda^s; the layer average grows
-    # with lambda, so bisection finds it.
+    # PyramidDrop: one ratio lambda per stage, kept counts N * lambda^s; the layer average grows with
+    # lambda, so bisection finds it. (efficiency.models.solve_fixed_keep solves the same geometric
+    # schedule but insists on an exact integer average, which an achieved ATP count rarely allows.)
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if layer_average([num_vision * mid ** (s + 1) for s in range(len(layers))], layers, num_layers,
-                         num_vision) < budget:
-            lo = mid
-        else:
-            hi = mid
+        counts = tuple(num_vision * mid ** (s + 1) for s in range(len(layers)))
+        lo, hi = (mid, hi) if average_vision_tokens(counts, modules, num_layers, num_vision) < budget else (lo, mid)
     ratio = (lo + hi) / 2
     return layers, tuple(min(num_vision, round(num_vision * ratio ** (s + 1))) for s in range(len(layers)))
 
@@ -112,7 +109,7 @@ def baseline_config(method: str, budget: float, num_layers: int, num_vision: int
     """The fixed-count pruning config of ``method`` at ``budget`` (layer-average vision tokens)."""
     starts, counts = stage_counts(method, budget, num_layers, num_vision, layers)
     importance = "last" if method in ("fastv", "pyramiddrop") else method
-    return ATPConfig(module_layers=tuple(s - 1 for s in starts), fixed_keep=counts, importance=importance,
+    return ATPConfig(module_layers=module_layers_of(starts), fixed_keep=counts, importance=importance,
                      criteria="redundancy", position_encoding="original", scoring_backend=scoring_backend)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atp_repro import ATPConfig, apply_atp, atp_parameters, budget_loss, last_atp_record, token_counts
-from atp_repro.atp.tiny import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
+from atp_repro.atp.tiny import IMAGE_TOKEN_ID, single_inputs, tiny_inputs, tiny_llava
 
 LAYERS = (1, 2, 3)
 
@@ -89,10 +89,7 @@ def test_left_padded_batch_equals_single_runs_with_different_counts(impl):
     batch_counts = token_counts(model)
     assert len(set(batch_counts[:, -1].tolist())) > 1, "thresholds should keep different counts per sample"
     for i in range(3):
-        keep = batch["attention_mask"][i].bool()
-        single = {"input_ids": batch["input_ids"][i : i + 1, keep],
-                  "attention_mask": batch["attention_mask"][i : i + 1, keep],
-                  "pixel_values": batch["pixel_values"][i : i + 1]}
+        single = single_inputs(batch, i)
         out = model.generate(**single, max_new_tokens=6, do_sample=False)
         assert torch.equal(out[0, -6:], generated[i, -6:]), f"sample {i} differs"
         assert torch.equal(token_counts(model)[0], batch_counts[i])

@@ -7,7 +7,7 @@ import torch
 
 from atp_repro import last_atp_record, token_counts
 from atp_repro.atp.controls import control_scores, van_der_corput
-from atp_repro.atp.tiny import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
+from atp_repro.atp.tiny import IMAGE_TOKEN_ID, single_inputs, tiny_inputs, tiny_llava
 from atp_repro.baselines import METHODS, apply_baseline, fastv_layer, pyramiddrop_layers, stage_counts
 
 NUM_LAYERS = 8
@@ -50,10 +50,7 @@ def test_left_padded_batch_equals_single_runs(method):
     generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
     batch_kept = last_atp_record(model).kept_vision_indices
     for i in range(3):
-        keep = batch["attention_mask"][i].bool()
-        single = {"input_ids": batch["input_ids"][i : i + 1, keep],
-                  "attention_mask": batch["attention_mask"][i : i + 1, keep],
-                  "pixel_values": batch["pixel_values"][i : i + 1]}
+        single = single_inputs(batch, i)
         out = model.generate(**single, max_new_tokens=5, do_sample=False)
         assert torch.equal(out[0, -5:], generated[i, -5:]), f"{method}: sample {i} differs"
         for m, per_sample in enumerate(last_atp_record(model).kept_vision_indices):

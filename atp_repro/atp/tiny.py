@@ -70,3 +70,11 @@ def tiny_inputs(
     size = model.config.vision_config.image_size
     pixel_values = torch.randn(len(rows), 3, size, size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def single_inputs(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Sample ``i`` of a left-padded batch from :func:`tiny_inputs`, without its padding (batch of 1)."""
+    keep = batch["attention_mask"][i].bool()
+    return {"input_ids": batch["input_ids"][i : i + 1, keep],
+            "attention_mask": batch["attention_mask"][i : i + 1, keep],
+            "pixel_values": batch["pixel_values"][i : i + 1]}

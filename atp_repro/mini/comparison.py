@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from atp_repro.baselines import stage_counts
+from atp_repro.baselines import module_layers_of, schedule
+from atp_repro.efficiency.models import min_average_tokens
 
 from .evaluate import EvalResult, token_summary
 from .experiments import Setup
@@ -31,8 +32,7 @@ class BaselineRun:
 def reachable_budget(method: str, budget: float, num_layers: int, num_vision: int,
                      layers: tuple[int, ...] | None = None) -> float:
     """``budget`` moved into the range ``method``'s schedule can reach (unchanged when it can)."""
-    starts, _ = stage_counts(method, float(num_vision), num_layers, num_vision, layers)  # keep-all: always valid
-    floor = num_vision * starts[0] / num_layers
+    floor = min_average_tokens(module_layers_of(schedule(method, num_layers, layers)), num_layers, num_vision)
     return float(min(max(budget, floor), num_vision))
 
 
