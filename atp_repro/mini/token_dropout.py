@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from atp_repro.atp.masks import causal_padding_mask
+
 
 @dataclass(frozen=True)
 class TokenDropoutConfig:
@@ -64,16 +66,10 @@ def draw_plan(image_mask: torch.Tensor, num_layers: int, cfg: TokenDropoutConfig
 def dropout_bias(hidden: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Additive (B, 1, L, L) attention mask: causal, padding keys and ``hidden`` keys masked, the
     diagonal always open (a query sees itself, so no row is empty)."""
-    batch, length = hidden.shape
-    device = hidden.device
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    allowed = causal[None].expand(batch, length, length).clone()  # (B, L_q, L_k)
-    if attention_mask is not None:
-        allowed &= attention_mask.bool()[:, None, :]
-    allowed &= ~hidden[:, None, :]
-    allowed |= torch.eye(length, dtype=torch.bool, device=device)[None]
-    bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    valid = torch.ones_like(hidden) if attention_mask is None else attention_mask.bool()
+    bias = causal_padding_mask(valid & ~hidden, dtype)  # the ATP soft path's mask, with hidden keys as padding
+    eye = torch.eye(hidden.shape[-1], dtype=torch.bool, device=hidden.device)
+    return bias.masked_fill(eye, 0.0)
 
 
 class VisionTokenDropout:
