@@ -1,7 +1,8 @@
 # atp-repro: one-command reproduce and test.
 #
 #   make reproduce   rebuild every table (tables/) and figure (figures/) in the mini world
-#   make test        unit tests + every notebook on smoke parameters + nbval over the results
+#   make test        unit tests + the annotator's browser test + every notebook on smoke parameters
+#                    + nbval over the results
 #
 # Both create a local virtual environment (.venv) on first use, with nothing installed beforehand
 # but Python >= 3.10 and make. It is reinstalled when pyproject.toml changes.
@@ -41,7 +42,7 @@ STAMP  := $(VENV)/.atp-repro-installed
 SMOKE  := build/notebooks/smoke
 NBVAL  := --nbval-lax --nbval-current-env -p no:cacheprovider
 
-.PHONY: help venv hooks reproduce verify test test-all test-unit smoke nbval lab lint format clean distclean
+.PHONY: help venv hooks reproduce verify test test-all test-unit test-browser smoke nbval lab lint format clean distclean
 
 help: ## list the targets
 	@echo "atp-repro make targets:"
@@ -67,13 +68,17 @@ reproduce: $(STAMP) ## run every notebook with the committed mini-world defaults
 verify: $(STAMP) ## compare tables/ with the committed manifest of reproducible results (after make reproduce)
 	$(VPY) -m atp_repro verify
 
-test: $(STAMP) ## fast unit tests, then all notebooks on smoke parameters, then nbval
-	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
+test: $(STAMP) ## fast unit tests, the annotator in a browser, all notebooks on smoke parameters, then nbval
+	$(VPY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS) tests
+	$(VPY) -m pytest -m browser -rA $(PYTEST_ARGS) tests
 	$(VPY) -m atp_repro run-notebooks --profile smoke --clean --jobs $(JOBS)
 	$(VPY) -m pytest $(NBVAL) $(SMOKE)
 
-test-unit: $(STAMP) ## unit tests (fast: -m "not slow")
-	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
+test-unit: $(STAMP) ## unit tests (fast: -m "not slow and not browser")
+	$(VPY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS) tests
+
+test-browser: $(STAMP) ## the pairwise annotator in JupyterLab, driven in headless Chromium (skipped without Chromium)
+	$(VPY) -m pytest -m browser -rA $(PYTEST_ARGS) tests
 
 test-all: $(STAMP) ## unit tests including the slow ones
 	$(VPY) -m pytest $(PYTEST_ARGS) tests

@@ -41,6 +41,7 @@ __all__ = [
     "kept_token_distribution",
     "interval_rows",
     "lr_schedules",
+    "pairwise_outcomes",
 ]
 
 DPI = 110
@@ -320,6 +321,42 @@ def lr_schedules(schedules: Mapping[str, Mapping[str, float]], warmup_ratio: Map
         ax.set_ylabel("learning rate")
         ax.set_title(name)
         ax.legend(loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def pairwise_outcomes(tallies: pd.DataFrame, paper: Mapping[str, float], title: str,
+                      systems: tuple[str, str] = ("judged system", "other")) -> Any:
+    """Left: each judge's shares of wins / ties / losses of the judged system (columns ``judge, wins,
+    ties, losses``; rows without counts, such as an average, are left out). Right: win rates with their
+    95% intervals (``win_rate, ci_low, ci_high``, fractions) beside the paper's (``paper``: label ->
+    percent), and the 50% line of "as good as". ``systems``: the names of the judged system and the other."""
+    use_style()
+    counted = tallies.dropna(subset=["wins"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.5 * max(len(tallies) + len(paper), 3) + 1.8),
+                                   gridspec_kw={"width_ratios": [1.2, 1]})
+    colors = dict(zip(("wins", "ties", "losses"), sns.color_palette("colorblind", 3)))
+    y = np.arange(len(counted))[::-1]
+    left = np.zeros(len(counted))
+    for col, label in (("wins", f"{systems[0]} better"), ("ties", "tie"), ("losses", f"{systems[1]} better")):
+        share = counted[col].to_numpy(float) / counted["n"].to_numpy(float)
+        ax1.barh(y, 100 * share, left=100 * left, color=colors[col], label=label)
+        left += share
+    ax1.set_yticks(y, counted["judge"])
+    ax1.set_xlim(0, 100)
+    ax1.set_xlabel("% of judged items")
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, frameon=False)
+    rows = [(f"{r.judge} (this run)", 100 * r.win_rate, 100 * r.ci_low, 100 * r.ci_high)
+            for r in tallies.itertuples(index=False)] + [(f"{k} (paper)", v, v, v) for k, v in paper.items()]
+    y2 = np.arange(len(rows))[::-1]
+    for yi, (label, v, lo, hi) in zip(y2, rows):
+        paper_row = label.endswith("(paper)")
+        ax2.errorbar(v, yi, xerr=None if paper_row or math.isnan(lo) else [[v - lo], [hi - v]],
+                     fmt="s" if paper_row else "o", capsize=4, color=PAPER_COLOR if paper_row else RUN_COLOR)
+    ax2.axvline(50, color="black", linestyle="--", linewidth=1)
+    ax2.set_yticks(y2, [r[0] for r in rows])
+    ax2.set_xlabel(f"win % of {systems[0]} (ties count half)")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

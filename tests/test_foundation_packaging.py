@@ -63,3 +63,11 @@ def test_ci_runs_the_readme_command(repo_root: Path) -> None:
 
 def test_license_is_apache(repo_root: Path) -> None:
     assert "Apache License" in (repo_root / "LICENSE").read_text()[:200]
+
+
+def test_make_test_runs_the_browser_test_and_ci_requires_it(repo_root: Path) -> None:
+    makefile = (repo_root / "Makefile").read_text()
+    recipe = re.search(r"^test: .*?\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert '-m "not slow and not browser"' in recipe and "-m browser -rA" in recipe  # -rA: its result is printed
+    ci = (repo_root / ".ci" / "run").read_text()
+    assert "apt-get install" in ci and "chromium" in ci and "export ATP_REPRO_REQUIRE_BROWSER=1" in ci
