@@ -203,18 +203,20 @@ def test_session_done_and_back(folder):
         s.choose("maybe")
 
 
-def _click_forever(folder, clicks):
-    s = AnnotationSession(folder, "H1")
+def _click_then_wait(folder, clicks):
+    """An annotator driven through its buttons' callbacks, then stopped to be killed."""
+    from atp_repro.pairwise.annotator import Annotator
+
+    ann = Annotator(folder, "H1")
     for k in range(clicks):
-        s.choose("AB"[k % 2])
-        clicks_done = folder / "clicks_done"
-        clicks_done.write_text(str(k + 1))
+        ann.buttons["AB"[k % 2]].click()
+        (folder / "clicks_done").write_text(str(k + 1))
     os.kill(os.getpid(), signal.SIGSTOP)  # wait here to be killed
 
 
 def test_killed_session_loses_nothing_and_resumes(folder):
     ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_click_forever, args=(folder, 5))
+    p = ctx.Process(target=_click_then_wait, args=(folder, 5))
     p.start()
     for _ in range(600):
         p.join(0.1)
@@ -352,3 +354,28 @@ def test_a_file_of_another_sample_is_refused(folder, tmp_path):
     target.write_bytes(log.path.read_bytes())
     with pytest.raises(JudgementError, match=r"H1.jsonl, line 1: judgement of sample"):
         tally_folder(folder)
+
+
+def test_model_judge_from_a_local_folder_runs_offline(tmp_path, monkeypatch):
+    """A tiny LLaVA and its processor saved to disk, loaded back as a judge with the hub switched off."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from atp_repro.mini.model import MiniModelConfig, build_model
+    from atp_repro.mini.tokenizer import build_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok, cfg = build_tokenizer(), MiniModelConfig(image_size=32, patch_size=8, vision_layers=1)
+    side = {"height": cfg.image_size, "width": cfg.image_size}
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": cfg.image_size}, crop_size=side),
+        tokenizer=tok, patch_size=cfg.patch_size, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template="{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                      "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+    build_model(cfg, tok).save_pretrained(tmp_path / "judge-model")
+    processor.save_pretrained(tmp_path / "judge-model")
+    judge = ModelJudge.from_pretrained(tmp_path / "judge-model", max_new_tokens=3)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
+    reply = judge.generate(tmp_path / "x.png", judge.prompt(draw_sample(_runs(), 1, seed=0).items[0]))
+    assert judge.judge_id == "judge-model" and isinstance(reply, str) and reply.strip()
