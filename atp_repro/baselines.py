@@ -21,10 +21,18 @@ method         rule
                block only (PyramidDrop's q.k recomputation).
 ``uniform``    control: a spatially uniform subset of the grid, at FastV's layer and count.
 ``random``     control: one fixed random subset of the grid (seeded), at FastV's layer and count.
+``visionzip``  VisionZip (Yang et al. 2024), before the language model: dominant tokens by the
+               vision encoder's CLS attention plus contextual tokens merged by key similarity
+               (:mod:`atp_repro.prellm`); the same count in every image.
+``prumerge+``  LLaVA-PruMerge+ (Shang et al. 2024), before the language model: CLS-attention
+               outliers (IQR rule) plus spatially uniform tokens, pruned tokens merged into the kept
+               ones by key similarity (:mod:`atp_repro.prellm`); the count adapts per image.
 =============  =================================================================================
 
-Budgets are in ATP's unit: vision tokens averaged over all decoder layers (the paper's "Token"). For
-a budget b the per-stage counts are solved so that the layer average is b up to rounding (within
+Budgets are in ATP's unit: vision tokens averaged over all decoder layers (the paper's "Token"); a
+method before the language model keeps its tokens in every layer, so its budget is its count per
+image (PruMerge+: on average, its stride set on calibration images). For
+an in-LLM budget b the per-stage counts are solved so that the layer average is b up to rounding (within
 half a token). A budget a schedule cannot reach (its unpruned first layers alone exceed it) is
 rejected before any work, naming the smallest reachable budget.
 """
@@ -39,7 +47,9 @@ from .atp import ATPConfig, apply_atp
 from .atp.config import PAPER_NUM_LAYERS
 from .efficiency.models import average_vision_tokens, min_average_tokens
 
-METHODS = ("fastv", "pyramiddrop", "uniform", "random")
+IN_LLM_METHODS = ("fastv", "pyramiddrop", "uniform", "random")
+VISION_SIDE_METHODS = ("visionzip", "prumerge+")  # prune before the language model (atp_repro.prellm)
+METHODS = IN_LLM_METHODS + VISION_SIDE_METHODS
 FASTV_PAPER_K = 2  # FastV's default K on 32-layer LLaVA-1.5
 PYRAMIDDROP_PAPER_LAYERS = (8, 16, 24)  # PyramidDrop's layer_list on 32-layer LLaVA-1.5 (stage ends)
 
@@ -57,7 +67,9 @@ def pyramiddrop_layers(num_layers: int) -> tuple[int, ...]:
 
 def schedule(method: str, num_layers: int, layers: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The first decoder layer of each pruned stage for ``method``: its default, or ``layers`` checked."""
-    if method not in METHODS:
+    if method not in IN_LLM_METHODS:
+        if method in VISION_SIDE_METHODS:
+            raise ValueError(f"{method} prunes before the language model: it has no decoder-layer schedule")
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if layers is None:
         layers = pyramiddrop_layers(num_layers) if method == "pyramiddrop" else (fastv_layer(num_layers),)
@@ -114,13 +126,32 @@ def baseline_config(method: str, budget: float, num_layers: int, num_vision: int
 
 
 def apply_baseline(model: nn.Module, method: str, budget: float, layers: tuple[int, ...] | None = None,
-                   scoring_backend: str = "auto") -> nn.Module:
+                   scoring_backend: str = "auto", calibration=None) -> nn.Module:
     """Prune ``model`` (a transformers LLaVA) with ``method`` at ``budget``, in place; returns it.
 
+    ``calibration``: pixel values of a few images, needed by PruMerge+ to set its stride for the budget.
+
     >>> model = apply_baseline(llava, "fastv", budget=144)  # doctest: +SKIP
-    >>> model.generate(**inputs); atp_repro.token_counts(model).float().mean()  # doctest: +SKIP
+    >>> model.generate(**inputs); baseline_token_counts(model).float().mean()  # doctest: +SKIP
     """
+    if method in VISION_SIDE_METHODS:
+        if layers is not None:
+            raise ValueError(f"layers: {method} prunes before the language model; it takes no decoder layers")
+        from .prellm import apply_reduction, reduction_for_budget
+
+        return apply_reduction(model, reduction_for_budget(model, method, budget, calibration))
+    if method not in IN_LLM_METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     lm_config = model.config.get_text_config()
     num_vision = int(getattr(model.config, "image_seq_length", 576))
     cfg = baseline_config(method, budget, lm_config.num_hidden_layers, num_vision, layers, scoring_backend)
     return apply_atp(model, cfg)
+
+
+def baseline_token_counts(model: nn.Module):
+    """(B, num_layers) vision tokens entering each decoder layer in the last forward with images, for a
+    model with ATP modules, an in-LLM baseline or a vision-side reduction."""
+    from .atp import token_counts
+    from .prellm import has_reduction, reduction_counts
+
+    return reduction_counts(model) if has_reduction(model) else token_counts(model)

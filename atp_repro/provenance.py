@@ -78,15 +78,18 @@ def git_info(root: Path | None = None) -> dict[str, Any]:
     """Commit, branch and whether tracked files differ from the commit (``None`` if no git)."""
     root = root or paths.repo_root()
 
-    def git(*args: str) -> str | None:
+    def git(*args: str, timeout: float = 10) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=timeout,
+                                 check=True)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # The first status of a fresh checkout runs the notebooks' nbstripout filter once per notebook
+    # (about 1 s each): give it time; later calls are fast.
+    status = git("status", "--porcelain", "--untracked-files=no", timeout=180)
     return {
         "commit": commit,
         "branch": git("rev-parse", "--abbrev-ref", "HEAD") if commit else None,

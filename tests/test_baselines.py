@@ -1,4 +1,7 @@
-"""Training-free baselines (FastV, PyramidDrop, uniform and random controls) on transformers' LLaVA."""
+"""Training-free baselines (FastV, PyramidDrop, uniform and random controls) on transformers' LLaVA.
+
+The methods before the language model (VisionZip, PruMerge+) have the same guarantees tested in
+test_prellm.py (their counts and caches are not ATP's); keep-all == stock is tested here for all."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 from atp_repro import last_atp_record, token_counts
 from atp_repro.atp.controls import control_scores, van_der_corput
 from atp_repro.atp.tiny import IMAGE_TOKEN_ID, single_inputs, tiny_inputs, tiny_llava
-from atp_repro.baselines import METHODS, apply_baseline, fastv_layer, pyramiddrop_layers, stage_counts
+from atp_repro.baselines import IN_LLM_METHODS, METHODS, apply_baseline, fastv_layer, pyramiddrop_layers, stage_counts
 
 NUM_LAYERS = 8
 GRID = 8
@@ -32,7 +35,7 @@ def test_keeping_every_token_reproduces_the_stock_model(method, impl):
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), expected)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", IN_LLM_METHODS)
 @pytest.mark.parametrize("budget", [14.0, 20.5, 33.0])
 def test_measured_tokens_are_within_one_of_the_budget(method, budget):
     # PyramidDrop's own stage ends (after 2 of 8 layers) cannot go below 16 tokens; start it earlier.
@@ -43,7 +46,7 @@ def test_measured_tokens_are_within_one_of_the_budget(method, budget):
     assert (measured - budget).abs().max() <= 1.0, measured
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", IN_LLM_METHODS)
 def test_left_padded_batch_equals_single_runs(method):
     model = _model(method, 20.0, seed=1)
     batch = tiny_inputs(model, prefix_lengths=(2, 4, 3), prompt_lengths=(7, 3, 5), seed=3)
@@ -57,7 +60,7 @@ def test_left_padded_batch_equals_single_runs(method):
             assert torch.equal(per_sample[0], batch_kept[m][i]), (method, m, i)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", IN_LLM_METHODS)
 def test_cached_generation_equals_recomputation(method):
     model = _model(method, 16.0)
     inputs = tiny_inputs(model, prefix_lengths=(3, 5), prompt_lengths=(6, 2))

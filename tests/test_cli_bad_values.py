@@ -32,6 +32,7 @@ CASES = [
     (["eval", "--baseline", "fastvv"], "--baseline"),
     (["eval", "--baseline", "fastv", "--tokens-576", "10"], "--tokens-576"),
     (["eval", "--baseline", "fastv", "--tokens-576", "inf"], "--tokens-576"),
+    (["eval", "--baseline", "visionzip", "--tokens-576", "4"], "--tokens-576"),
     (["train", "--config", "configs/llava15_7b_atp.yaml"], "scale"),
 ]
 

@@ -16,7 +16,8 @@ import math
 from atp_repro.cli import subcommand
 
 STAGES = ("upper-bound", "atp")
-BASELINES = ("fastv", "pyramiddrop", "uniform", "random")  # atp_repro.baselines.METHODS (not imported: torch)
+# atp_repro.baselines.METHODS (not imported here: it imports torch)
+BASELINES = ("fastv", "pyramiddrop", "uniform", "random", "visionzip", "prumerge+")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -57,12 +58,16 @@ def _load(args: argparse.Namespace):
 
     setup = Setup.load(args.config, finetune_steps=args.steps)
     if getattr(args, "baseline", None):
-        from atp_repro.baselines import stage_counts
+        from atp_repro.baselines import VISION_SIDE_METHODS, stage_counts
         from atp_repro.mini.runs import tokens_for_576
 
         tokens = tokens_for_576(args.tokens_576 if args.tokens_576 is not None else 144.0, setup.grid)
         try:  # before the upper bound is loaded (or trained)
-            stage_counts(args.baseline, tokens, setup.world.model.lm_layers, setup.grid ** 2)
+            if args.baseline in VISION_SIDE_METHODS:
+                if not 2 <= tokens <= setup.grid ** 2:
+                    raise ValueError(f"{args.baseline} keeps from 2 to {setup.grid ** 2} tokens, got {tokens:g}")
+            else:
+                stage_counts(args.baseline, tokens, setup.world.model.lm_layers, setup.grid ** 2)
         except ValueError as err:
             grid = f"{setup.grid}x{setup.grid}"
             raise ValueError(f"--tokens-576 {args.tokens_576}: {err} (grid units of {grid})") from err

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from atp_repro.baselines import module_layers_of, schedule
+from atp_repro.baselines import VISION_SIDE_METHODS, module_layers_of, schedule
 from atp_repro.efficiency.models import min_average_tokens
 
 from .evaluate import EvalResult, token_summary
@@ -30,8 +30,12 @@ class BaselineRun:
 
 
 def reachable_budget(method: str, budget: float, num_layers: int, num_vision: int,
-                     layers: tuple[int, ...] | None = None) -> float:
-    """``budget`` moved into the range ``method``'s schedule can reach (unchanged when it can)."""
+                     layers: tuple[int, ...] | None = None, count_range: tuple[float, float] | None = None) -> float:
+    """``budget`` moved into the range ``method``'s schedule can reach (unchanged when it can).
+    ``count_range``: PruMerge+'s fewest and most tokens per image (it depends on the images)."""
+    if method in VISION_SIDE_METHODS:  # before the language model: VisionZip from 2 up, PruMerge+ in its range
+        low, high = count_range if count_range is not None else (2.0, float(num_vision))
+        return float(min(max(budget, low), high, num_vision))
     floor = min_average_tokens(module_layers_of(schedule(method, num_layers, layers)), num_layers, num_vision)
     return float(min(max(budget, floor), num_vision))
 
@@ -43,9 +47,10 @@ def run_baselines(setup: Setup, methods: dict[str, tuple[int, ...] | None], budg
     num_layers = setup.world.model.lm_layers
     num_vision = setup.grid * setup.grid
     out = []
+    ranges = {"prumerge+": setup.prumerge_range()} if "prumerge+" in methods else {}
     for label, budget in budgets.items():
         for method, layers in methods.items():
-            used = reachable_budget(method, budget, num_layers, num_vision, layers)
+            used = reachable_budget(method, budget, num_layers, num_vision, layers, ranges.get(method))
             model, tok, info = setup.baseline(method, used, layers)
             out.append(BaselineRun(method, label, float(budget), used, layers, setup.evaluate(model, info, tok)))
     return out

@@ -41,6 +41,10 @@ def has_atp(model: torch.nn.Module) -> bool:
 
 
 def _kept_counts(model: torch.nn.Module, batch_size: int, n_layers: int, n_vision: int) -> np.ndarray:
+    from atp_repro.prellm import has_reduction, reduction_counts
+
+    if has_reduction(model):  # vision-side reduction (PruMerge+, VisionZip): K_i tokens in every layer
+        return reduction_counts(model).cpu().numpy().astype(np.int64)
     if has_atp(model):
         from atp_repro import token_counts  # type: ignore
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import runs
 from .cache import load_or_build
@@ -31,6 +32,7 @@ from .evaluate import (
     token_summary,
 )
 
+CALIBRATION_IMAGES = 256  # training images that set PruMerge+'s stride for a budget
 PAPER_TARGET_RATIO = 130.0 / 144.0  # N_target 130 -> 144 tokens (supplementary Table 6, main row)
 
 
@@ -173,17 +175,36 @@ class Setup:
         """A training-free baseline (:mod:`atp_repro.baselines`) on the upper bound at ``tokens`` (grid
         units, layer average): (model, tokenizer, info); ``info.spec_hash`` keys its cached evaluations."""
         from atp_repro import atp_config
-        from atp_repro.baselines import apply_baseline
+        from atp_repro.baselines import VISION_SIDE_METHODS, apply_baseline
 
         ub, tok, ub_info = self.upper_bound(progress=False)
-        model = apply_baseline(ub, method, tokens, layers)
-        # "selection" names the version of the selection code (atp/controls.py, the "last" importance):
-        # change it when they change, so that cached evaluations are not reused.
+        if method in VISION_SIDE_METHODS:
+            model = apply_baseline(ub, method, tokens, layers, calibration=self.calibration_pixels(tok))
+            settings = dataclasses.asdict(model.model.token_reducer.config)
+        else:
+            model = apply_baseline(ub, method, tokens, layers)
+            settings = atp_config(model).to_dict()
+        # "selection" names the version of the selection code (atp/controls.py, the "last" importance;
+        # atp_repro/prellm for the vision-side methods): change it when they change, so that cached
+        # evaluations are not reused.
         spec = {"kind": "baseline", "parent": ub_info.spec_hash, "method": method,
-                "atp": atp_config(model).to_dict(), "selection": "controls-vdc-1"}
+                "atp": settings, "selection": "controls-vdc-1" if method not in VISION_SIDE_METHODS else "prellm-1"}
         info = runs.RunInfo(f"baseline-{method}", ub_info.folder, "hit",
                             {"spec_hash": runs.spec_hash(spec), "wall_time_s": 0.0, "spec": spec})
         return model, tok, info
+
+    def calibration_pixels(self, tokenizer) -> torch.Tensor:
+        """Pixel values of the first training images: where PruMerge+ sets its stride for a budget (never
+        on the test questions it is evaluated on)."""
+        calib = self.world.dataset("train", n=CALIBRATION_IMAGES, tokenizer=tokenizer)
+        return torch.stack([calib[i]["pixel_values"] for i in range(len(calib))])
+
+    def prumerge_range(self) -> tuple[float, float]:
+        """The fewest and most tokens per image PruMerge+ can keep on the upper bound (calibration images)."""
+        from atp_repro.prellm.llava import prumerge_attention, prumerge_count_range
+
+        ub, tok, _ = self.upper_bound(progress=False)
+        return prumerge_count_range(prumerge_attention(ub, self.calibration_pixels(tok)))
 
     def test_set(self, tokenizer):
         return self.world.dataset("test", tokenizer=tokenizer)
