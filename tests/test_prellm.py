@@ -55,6 +55,8 @@ def test_prumerge_merge_hand_case():
     assert torch.allclose(out[0], features[0] + 0.3 * features[2])
     assert torch.allclose(out[1], features[1] + 0.4 * features[3])
     assert torch.allclose(out[2], 0.3 * features[2] + 0.4 * features[3])  # the extra token: pruned ones
+    everything = rules.prumerge_merge(features, keys, attn, torch.arange(4), neighbours=1)
+    assert everything.shape == (4, 2)  # nothing pruned: no extra token, never more tokens than patches
 
 
 def test_visionzip_reduce_against_a_loop():
@@ -223,3 +225,32 @@ def test_reachable_budget_of_the_vision_side_methods():
     assert reachable_budget("visionzip", 31.8, 8, 144) == 31.8
     assert reachable_budget("prumerge+", 4.8, 8, 144, count_range=(6.5, 140.0)) == 6.5
     assert reachable_budget("prumerge+", 150.0, 8, 144, count_range=(6.5, 140.0)) == 140.0
+
+
+def test_training_loss_uses_the_rewritten_labels():
+    """With labels, the loss is the stock model's loss on the short prompt (the removed placeholders carry
+    no labels), and gradients reach the projector."""
+    model = apply_reduction(tiny_llava(), ReductionConfig("prumerge+", stride_divisor=3.0, neighbours=4)).train()
+    batch = _batch(model)
+    # no label on BOS: in a left-padded batch it would be predicted from a padding position
+    ids = batch["input_ids"]
+    labels = torch.where(batch["attention_mask"].bool() & (ids > 2) & (ids != IMAGE_TOKEN_ID), ids, -100)
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    stock = tiny_llava().train()
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        counts = [f.shape[0] for f in feats.pooler_output]
+        total, n = 0.0, 0
+        for i in range(3):
+            one = single_inputs(batch, i)
+            ids = one["input_ids"][0]
+            image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+            short = torch.cat([ids[: image[0] + counts[i]], ids[image[-1] + 1:]])[None]
+            lab = torch.where((short == IMAGE_TOKEN_ID) | (short <= 2), -100, short)
+            ref = stock(input_ids=short, labels=lab,
+                        mm_encoder_outputs={"image": type(feats)(pooler_output=[feats.pooler_output[i]])})
+            k = int((lab[0, 1:] != -100).sum())
+            total, n = total + float(ref.loss) * k, n + k
+    assert abs(float(out.loss) - total / n) < 1e-5

@@ -188,10 +188,31 @@ class Setup:
         # atp_repro/prellm for the vision-side methods): change it when they change, so that cached
         # evaluations are not reused.
         spec = {"kind": "baseline", "parent": ub_info.spec_hash, "method": method,
-                "atp": settings, "selection": "controls-vdc-1" if method not in VISION_SIDE_METHODS else "prellm-1"}
+                "atp": settings, "selection": "controls-vdc-1" if method not in VISION_SIDE_METHODS else "prellm-2"}
         info = runs.RunInfo(f"baseline-{method}", ub_info.folder, "hit",
                             {"spec_hash": runs.spec_hash(spec), "wall_time_s": 0.0, "spec": spec})
         return model, tok, info
+
+    def reduction_finetune(self, method: str, tokens: float, seed: int = 0, progress: bool = False):
+        """The upper bound fine-tuned with ``method`` (PruMerge+ / VisionZip) at ``tokens`` (grid units per
+        image), in the main ATP run's training setting (``trainable_144``: steps, data, rates, seed k)."""
+        from atp_repro.prellm import reduction_for_budget
+
+        ub, tok, _ = self.upper_bound(progress=False)
+        cfg = reduction_for_budget(ub, method, tokens, self.calibration_pixels(tok))  # the tower stays frozen
+        return runs.reduction_finetune(self.world, cfg, self.train_config(VARIANTS["trainable_144"], seed),
+                                       progress=progress)
+
+    def seeded_reduction(self, method: str, tokens: float, seeds: int) -> Seeded:
+        """:meth:`reduction_finetune` with seeds 0..seeds-1, each evaluated on the test set (all cached)."""
+        if not (isinstance(seeds, int) and seeds >= 1):
+            raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+        results, infos = [], []
+        for k in range(seeds):
+            model, tok, info = self.reduction_finetune(method, tokens, seed=k)
+            results.append(self.evaluate(model, info, tok))
+            infos.append(info)
+        return Seeded(f"{method} fine-tuned", results, infos)
 
     def calibration_pixels(self, tokenizer) -> torch.Tensor:
         """Pixel values of the first training images: where PruMerge+ sets its stride for a budget (never

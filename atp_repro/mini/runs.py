@@ -1,6 +1,7 @@
 """Cached mini-world runs: the upper-bound model and ATP fine-tunes built on it.
 
-``upper_bound(world)`` and ``atp_finetune(world, atp_cfg, train_cfg)`` return a ready model and a
+``upper_bound(world)``, ``atp_finetune(world, atp_cfg, train_cfg)`` and ``reduction_finetune(world,
+reduction_cfg, train_cfg)`` (a baseline before the language model, fine-tuned) return a ready model and a
 :class:`RunInfo`; the first call trains (resuming a killed run from its checkpoint) and stores the
 artifact in the cache, later calls load it after verifying checksums and config.
 """
@@ -325,6 +326,30 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     model.eval()
     return model, tok, RunInfo("atp", folder, status, manifest)
+
+
+def reduction_finetune(world: MiniWorldConfig, reduction_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True):
+    """The upper bound fine-tuned *with* a vision-side reduction (PruMerge+'s trained setting, supplementary
+    Table 8): the same steps, data, learning rates and seeds as an ATP fine-tune, the reducer in place of
+    ATP's modules (it has no parameters: the projector and LM adapt to the reduced image)."""
+    from atp_repro.prellm import apply_reduction
+
+    spec = {"kind": "reduction_finetune", "parent": spec_hash(upper_bound_spec(world)),
+            "reduction": dataclasses.asdict(reduction_cfg), "train": _asdict(train_cfg), "selection": "prellm-2"}
+    ub, tok, _ = upper_bound(world, progress=progress)
+
+    def build(folder: Path) -> dict:
+        model = apply_reduction(ub, reduction_cfg)
+        ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
+        res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
+                    progress=progress)
+        return _finish(folder, model, tok, res, {})
+
+    folder, manifest, status = load_or_build("reduction_finetune", spec, build)
+    model = apply_reduction(build_model(world.model, tok), reduction_cfg)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    model.eval()
+    return model, tok, RunInfo("reduction_finetune", folder, status, manifest)
 
 
 # --------------------------------------------------------------------------------------------

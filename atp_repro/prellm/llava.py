@@ -288,8 +288,10 @@ DIVISOR_RANGE = (1e-3, 576.0)  # PruMerge+'s stride divisor: from one uniform pa
 
 
 def _mean_count(attention: torch.Tensor, divisor: float) -> float:
-    """PruMerge+'s mean tokens per image (merged extra token included) over ``attention`` (B, N)."""
-    return sum(len(k) + 1 for k in rules.prumerge_plus_indices(attention, divisor)) / attention.shape[0]
+    """PruMerge+'s mean tokens per image (the merged extra token included, unless every patch is kept)
+    over ``attention`` (B, N)."""
+    n = attention.shape[1]
+    return sum(min(len(k) + 1, n) for k in rules.prumerge_plus_indices(attention, divisor)) / attention.shape[0]
 
 
 def prumerge_count_range(attention: torch.Tensor) -> tuple[float, float]:

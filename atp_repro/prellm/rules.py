@@ -90,7 +90,7 @@ def prumerge_merge(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.T
     CLS attention, not renormalised); then one extra token sum_j a_j x_j over the pruned patches.
 
     features (N, C) patch features; keys (N, Ck) patch keys; cls_attn (N,); kept (K,) patch indices.
-    Returns (K + 1, C).
+    Returns (K + 1, C), or (N, C) when every patch is kept (nothing to sum into an extra token).
     """
     n = features.shape[0]
     knorm = F.normalize(keys.float(), dim=-1)
@@ -102,6 +102,8 @@ def prumerge_merge(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.T
     merged = features[kept] + (weights[..., None] * features[nearest]).sum(1)
     pruned = torch.ones(n, dtype=torch.bool, device=features.device)
     pruned[kept] = False
+    if not bool(pruned.any()):  # every patch kept: no pruned token to sum, no extra token
+        return merged
     extra = (cls_attn[pruned].to(features.dtype)[:, None] * features[pruned]).sum(0, keepdim=True)
     return torch.cat([merged, extra])
 
