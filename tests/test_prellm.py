@@ -254,3 +254,20 @@ def test_training_loss_uses_the_rewritten_labels():
             k = int((lab[0, 1:] != -100).sum())
             total, n = total + float(ref.loss) * k, n + k
     assert abs(float(out.loss) - total / n) < 1e-5
+
+
+def test_a_deep_copy_is_an_independent_model():
+    import copy
+
+    model = apply_reduction(tiny_llava(), ReductionConfig("visionzip", tokens=20))
+    batch = tiny_inputs(model, prefix_lengths=(3,), prompt_lengths=(6,))
+    kw = dict(max_new_tokens=4, do_sample=False)
+    before = model.generate(**batch, **kw)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.generate(**batch, **kw), before)
+    with torch.no_grad():
+        for p in twin.model.multi_modal_projector.parameters():
+            p.mul_(-3.0)
+    changed = twin.generate(**batch, **kw)
+    assert not torch.equal(changed, before)  # the copy runs its own weights ...
+    assert torch.equal(model.generate(**batch, **kw), before)  # ... and the original its own
