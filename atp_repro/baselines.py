@@ -19,6 +19,11 @@ method         rule
                (its ``image_token_ratio_list`` [1, lambda, lambda^2, lambda^3]). Scores come from the
                stage's own queries and keys, which with a fast kernel are recomputed for the score
                block only (PyramidDrop's q.k recomputation).
+``sparsevlm``  SparseVLM (Zhang et al. 2024), without its token recycling: text *raters* (prompt
+               tokens whose embedding relevance to the image is above the prompt's mean) are chosen
+               once from the input embeddings; after layers 2, 6 and 15 of 32 (its ``pruning_loc``)
+               the vision tokens with the most mean attention from the raters are kept, fewer at
+               each stage.
 ``uniform``    control: a spatially uniform subset of the grid, at FastV's layer and count.
 ``random``     control: one fixed random subset of the grid (seeded), at FastV's layer and count.
 ``visionzip``  VisionZip (Yang et al. 2024), before the language model: dominant tokens by the
@@ -47,11 +52,13 @@ from .atp import ATPConfig, apply_atp
 from .atp.config import PAPER_NUM_LAYERS
 from .efficiency.models import average_vision_tokens, min_average_tokens
 
-IN_LLM_METHODS = ("fastv", "pyramiddrop", "uniform", "random")
+IN_LLM_METHODS = ("fastv", "pyramiddrop", "sparsevlm", "uniform", "random")
 VISION_SIDE_METHODS = ("visionzip", "prumerge+")  # prune before the language model (atp_repro.prellm)
 METHODS = IN_LLM_METHODS + VISION_SIDE_METHODS
 FASTV_PAPER_K = 2  # FastV's default K on 32-layer LLaVA-1.5
 PYRAMIDDROP_PAPER_LAYERS = (8, 16, 24)  # PyramidDrop's layer_list on 32-layer LLaVA-1.5 (stage ends)
+SPARSEVLM_PAPER_LAYERS = (3, 7, 16)  # first layers after SparseVLM's pruning_loc (2, 6, 15) on 32 layers
+MULTI_STAGE_METHODS = ("pyramiddrop", "sparsevlm")
 
 
 def fastv_layer(num_layers: int) -> int:
@@ -59,10 +66,19 @@ def fastv_layer(num_layers: int) -> int:
     return max(1, round(FASTV_PAPER_K * num_layers / PAPER_NUM_LAYERS))
 
 
+def _scaled_stage_starts(paper_starts: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    layers = sorted({max(1, round(x * num_layers / PAPER_NUM_LAYERS)) for x in paper_starts})
+    return tuple(x for x in layers if x < num_layers)
+
+
 def pyramiddrop_layers(num_layers: int) -> tuple[int, ...]:
     """PyramidDrop's stage ends (first layers of the next stages) scaled to ``num_layers``."""
-    layers = sorted({max(1, round(x * num_layers / PAPER_NUM_LAYERS)) for x in PYRAMIDDROP_PAPER_LAYERS})
-    return tuple(x for x in layers if x < num_layers)
+    return _scaled_stage_starts(PYRAMIDDROP_PAPER_LAYERS, num_layers)
+
+
+def sparsevlm_layers(num_layers: int) -> tuple[int, ...]:
+    """SparseVLM's pruned stages (first layers after its ``pruning_loc``) scaled to ``num_layers``."""
+    return _scaled_stage_starts(SPARSEVLM_PAPER_LAYERS, num_layers)
 
 
 def schedule(method: str, num_layers: int, layers: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -72,11 +88,12 @@ def schedule(method: str, num_layers: int, layers: tuple[int, ...] | None = None
             raise ValueError(f"{method} prunes before the language model: it has no decoder-layer schedule")
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if layers is None:
-        layers = pyramiddrop_layers(num_layers) if method == "pyramiddrop" else (fastv_layer(num_layers),)
+        defaults = {"pyramiddrop": pyramiddrop_layers, "sparsevlm": sparsevlm_layers}
+        layers = defaults[method](num_layers) if method in defaults else (fastv_layer(num_layers),)
     layers = tuple(int(x) for x in layers)
     if not layers or list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= num_layers:
         raise ValueError(f"layers must be increasing decoder layers in [1, {num_layers - 1}], got {layers!r}")
-    if method != "pyramiddrop" and len(layers) != 1:
+    if method not in MULTI_STAGE_METHODS and len(layers) != 1:
         raise ValueError(f"layers for {method} must name one layer K, got {layers!r}")
     return layers
 
@@ -104,8 +121,8 @@ def stage_counts(method: str, budget: float, num_layers: int, num_vision: int,
     if len(layers) == 1:
         k = (budget * num_layers - layers[0] * num_vision) / (num_layers - layers[0])
         return layers, (min(num_vision, max(0, round(k))),)
-    # PyramidDrop: one ratio lambda per stage, kept counts N * lambda^s; the layer average grows with
-    # lambda, so bisection finds it. (efficiency.models.solve_fixed_keep solves the same geometric
+    # PyramidDrop (and SparseVLM here): one ratio lambda per stage, kept counts N * lambda^s; the layer
+    # average grows with lambda, so bisection finds it. (efficiency.models.solve_fixed_keep solves the same geometric
     # schedule but insists on an exact integer average, which an achieved ATP count rarely allows.)
     lo, hi = 0.0, 1.0
     for _ in range(60):
@@ -120,7 +137,7 @@ def baseline_config(method: str, budget: float, num_layers: int, num_vision: int
                     layers: tuple[int, ...] | None = None, scoring_backend: str = "auto") -> ATPConfig:
     """The fixed-count pruning config of ``method`` at ``budget`` (layer-average vision tokens)."""
     starts, counts = stage_counts(method, budget, num_layers, num_vision, layers)
-    importance = "last" if method in ("fastv", "pyramiddrop") else method
+    importance = {"fastv": "last", "pyramiddrop": "last", "sparsevlm": "raters"}.get(method, method)
     return ATPConfig(module_layers=module_layers_of(starts), fixed_keep=counts, importance=importance,
                      criteria="redundancy", position_encoding="original", scoring_backend=scoring_backend)
 

@@ -11,7 +11,15 @@ import torch
 from atp_repro import last_atp_record, token_counts
 from atp_repro.atp.controls import control_scores, van_der_corput
 from atp_repro.atp.tiny import IMAGE_TOKEN_ID, single_inputs, tiny_inputs, tiny_llava
-from atp_repro.baselines import IN_LLM_METHODS, METHODS, apply_baseline, fastv_layer, pyramiddrop_layers, stage_counts
+from atp_repro.baselines import (
+    IN_LLM_METHODS,
+    METHODS,
+    apply_baseline,
+    fastv_layer,
+    pyramiddrop_layers,
+    sparsevlm_layers,
+    stage_counts,
+)
 
 NUM_LAYERS = 8
 GRID = 8
@@ -165,3 +173,31 @@ def test_prefill_flops_fraction_counts_each_question_with_its_own_lengths():
     assert got == pytest.approx(expected) and got < 1.0
     with pytest.raises(ValueError, match="lengths"):
         prefill_flops_fraction(result, model, [5])
+
+
+def test_sparsevlm_kept_set_matches_an_independent_recomputation():
+    """Raters from the input embeddings, then the head-averaged attention from the raters of the first
+    pruning layer, read from the stock model's output_attentions: its top-k is the kept set."""
+    stock = tiny_llava(num_layers=NUM_LAYERS, grid=GRID, attn_implementation="eager")
+    inputs = tiny_inputs(stock, prefix_lengths=(3, 5), prompt_lengths=(9, 7), seed=3)
+    with torch.no_grad():
+        out = stock(**inputs, output_attentions=True, output_hidden_states=True)
+    starts, counts = stage_counts("sparsevlm", 20.0, NUM_LAYERS, N)
+    assert starts == sparsevlm_layers(NUM_LAYERS) == (1, 2, 4)  # after layers 2, 6, 15 of 32, on 8
+    model = _model("sparsevlm", 20.0, impl="eager")
+    with torch.no_grad():
+        model(**inputs)
+    kept = last_atp_record(model).kept_vision_indices[0]
+    embeds = out.hidden_states[0]  # the language model's input embeddings (image features in place)
+    for b in range(2):
+        ids = inputs["input_ids"][b]
+        vision = (ids == IMAGE_TOKEN_ID).nonzero().squeeze(1)
+        prompt = torch.arange(int(vision[-1]) + 1, len(ids))
+        relevance = torch.softmax(embeds[b, vision] @ embeds[b, prompt].T, dim=-1).mean(0)
+        raters = prompt[relevance > relevance.mean()]
+        assert 0 < len(raters) < len(prompt)  # the case tests the rater choice
+        rows = out.attentions[starts[0] - 1][b].mean(0)[raters][:, vision]  # (raters, V)
+        expected = rows.mean(0).topk(counts[0]).indices.sort().values
+        assert torch.equal(kept[b], expected), b
+        everyone = out.attentions[starts[0] - 1][b].mean(0)[prompt][:, vision].mean(0)
+        assert not torch.equal(kept[b], everyone.topk(counts[0]).indices.sort().values)  # raters matter

@@ -23,7 +23,7 @@ SCORE_NORMALISATIONS = ("minmax", "max")
 POSITION_ENCODINGS = ("original", "rope2d", "learned2d")
 SCORING_BACKENDS = ("auto", "eager", "fast")
 INIT_CALIBRATIONS = ("none", "target")
-IMPORTANCES = ("both", "self", "cross", "last", "uniform", "random")
+IMPORTANCES = ("both", "self", "cross", "last", "raters", "uniform", "random")
 CRITERIA = ("both", "redundancy", "spatial")
 
 
@@ -76,8 +76,10 @@ class ATPConfig:
             the normalised self- and cross-modality importances, the paper's method), ``self`` or
             ``cross`` alone (the paper's importance ablation). Baselines and controls (with
             ``fixed_keep``): ``last`` uses the attention from the last prompt token only (FastV,
-            PyramidDrop); ``uniform`` and ``random`` ignore attention and rank grid positions by a
-            fixed spatially uniform or random order (:mod:`atp_repro.atp.controls`).
+            PyramidDrop); ``raters`` the mean attention from SparseVLM's text raters (prompt tokens
+            chosen from the input embeddings, :func:`atp_repro.atp.language_model.text_raters`);
+            ``uniform`` and ``random`` ignore attention and rank grid positions by a fixed spatially
+            uniform or random order (:mod:`atp_repro.atp.controls`).
         criteria: which pruning criteria decide: ``both`` (a token survives if S_r > theta_r or
             S_s > theta_s, the paper's method), ``redundancy`` alone (no spatial augmented pruning) or
             ``spatial`` alone (only the spatial grid rule; the paper's component ablation).

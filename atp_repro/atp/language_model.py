@@ -142,6 +142,24 @@ def _vision_layout(image_mask: torch.Tensor, valid: torch.Tensor) -> tuple[int, 
     return num_vision, grid_index, last
 
 
+def text_raters(embeds: torch.Tensor, image_mask: torch.Tensor, is_prompt: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters, chosen once per prefill from the input embeddings: the prompt tokens t
+    whose relevance r_t = mean over vision tokens v of softmax_t(x_v . x_t) exceeds the mean relevance
+    of the sample's prompt tokens. A sample where none does (all equal) keeps every prompt token.
+
+    embeds (B, L, D); image_mask, is_prompt (B, L) bool. Returns (B, L) bool.
+    """
+    out = torch.zeros_like(is_prompt)
+    for b in range(embeds.shape[0]):  # a few samples; the prompt lengths differ
+        vision, text = embeds[b, image_mask[b]].float(), embeds[b, is_prompt[b]].float()  # (V, D), (T, D)
+        if vision.shape[0] == 0 or text.shape[0] == 0:
+            continue
+        relevance = torch.softmax(vision @ text.T, dim=-1).mean(0)  # (T,)
+        chosen = relevance > relevance.mean()
+        out[b, is_prompt[b]] = chosen if bool(chosen.any()) else torch.ones_like(chosen)
+    return out
+
+
 def _vision_columns(is_vision: torch.Tensor) -> slice:
     """Smallest slice of positions covering every sample's vision tokens (empty if none is left)."""
     positions = torch.nonzero(is_vision.any(0)).flatten()
@@ -169,6 +187,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
         if runtime.prompt_length is not None:  # generation without cache: generated tokens are answers
             answer_mask = answer_mask | (positions >= runtime.prompt_length)
     is_prompt = valid & (grid_index < 0) & (positions > image_end[:, None]) & ~answer_mask.bool()
+
+    raters = text_raters(embeds, image_mask, is_prompt) if cfg.importance == "raters" else None
 
     position_ids = position_ids.expand(batch, -1)
     cos, sin = model.rotary_emb(embeds, position_ids=position_ids)
@@ -218,6 +238,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             prompt_weight = seq.is_prompt.float()
             if cfg.importance == "last":  # FastV / PyramidDrop: the last prompt token's attention only
                 prompt_weight = last_true(seq.is_prompt).float()
+            elif raters is not None:  # SparseVLM: the attention of its text raters only
+                prompt_weight = (seq.is_prompt & torch.gather(raters, 1, seq.original_index)).float()
             request = ScoreRequest(torch.stack([vision_weight, prompt_weight], -1), _vision_columns(is_vision),
                                    use_eager, clock=clock)
         with scoring_attention(model.config, layer, request):  # the scores themselves are timed inside

@@ -194,15 +194,15 @@ def normalise_scores(scores: torch.Tensor, valid: torch.Tensor, method: str = "m
 
 def redundancy_score(self_norm: torch.Tensor, cross_norm: torch.Tensor, importance: str = "both") -> torch.Tensor:
     """S_r (high = important, kept): the mean of the two normalised importances, or one of them alone
-    (``importance`` = ``self`` / ``cross``, the importance ablation; ``last`` is a cross-modality
-    importance from the last prompt token only)."""
+    (``importance`` = ``self`` / ``cross``, the importance ablation; ``last`` and ``raters`` are
+    cross-modality importances from the last prompt token or from SparseVLM's text raters only)."""
     if importance == "both":
         return 0.5 * (self_norm + cross_norm)
     if importance == "self":
         return self_norm
-    if importance in ("cross", "last"):
+    if importance in ("cross", "last", "raters"):
         return cross_norm
-    raise ValueError(f"importance must be one of ('both', 'self', 'cross', 'last'), got {importance!r}")
+    raise ValueError(f"importance must be one of ('both', 'self', 'cross', 'last', 'raters'), got {importance!r}")
 
 
 def masked_quantiles(values: torch.Tensor, valid: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from atp_repro.cli import subcommand
 
 STAGES = ("upper-bound", "atp")
 # atp_repro.baselines.METHODS (not imported here: it imports torch)
-BASELINES = ("fastv", "pyramiddrop", "uniform", "random", "visionzip", "prumerge+")
+BASELINES = ("fastv", "pyramiddrop", "sparsevlm", "uniform", "random", "visionzip", "prumerge+")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
