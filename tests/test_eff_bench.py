@@ -67,3 +67,36 @@ def test_ratio_spread_reports_quartiles_of_the_per_round_ratios():
     assert ratio_spread(runs, "atp_paper", "atp_fast") == "per-round ratios: quartiles 0.900-1.100 over 5 rounds"
     assert ratio_spread(None, "atp_paper", "atp_fast") == "per-round spread not available"
     assert paired_ratio(runs, "atp_paper", "ub_fast") is None
+
+
+def test_baselines_are_timed_beside_the_strategies_at_the_same_average():
+    from atp_repro.baselines import stage_counts
+
+    model = timing_model_config("smoke", num_layers=8, module_layers=(1, 3, 5), hidden=64, heads=1, kv_heads=1,
+                                ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
+    config = BenchConfig(model=model, average_tokens=30.0, strategies=("ub_fast", "atp_fast"),
+                         baselines=("fastv", "sparsevlm"), dtype="float32", warmup=0, repeats=2)
+    result = run_benchmark(config, run_id="t")
+    s = result.summary.set_index("strategy")
+    assert list(s.index) == ["ub_fast", "atp_fast", "baseline_fastv", "baseline_sparsevlm"]
+    for method in ("fastv", "sparsevlm"):
+        row = s.loc[f"baseline_{method}"]
+        assert abs(row.avg_tokens - 30.0) <= 1.0 and row.avg_tokens == row.measured_avg_tokens
+        assert row.kv_vision_bytes_measured == row.kv_vision_bytes_analytic
+        assert row.flops < s.loc["ub_fast", "flops"]
+        _, counts = stage_counts(method, 30.0, 8, 64)
+        runs = result.runs[result.runs.strategy == f"baseline_{method}"]
+        assert set(runs.fixed_keep) == {str(tuple(counts))}
+
+
+def test_bad_baselines_are_named():
+    import pytest
+
+    from atp_repro.efficiency.strategies import BenchConfigError
+
+    model = timing_model_config("smoke", num_layers=8, module_layers=(1, 3, 5), hidden=64, heads=1, kv_heads=1,
+                                ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
+    with pytest.raises(BenchConfigError, match="baselines.*prune inside the language model"):
+        BenchConfig(model=model, average_tokens=30.0, baselines=("prumerge+",))
+    with pytest.raises(BenchConfigError, match="pyramiddrop"):
+        BenchConfig(model=model, average_tokens=5.0, baselines=("pyramiddrop",))

@@ -9,7 +9,7 @@ from atp_repro.cli import Handler, subcommand
 # BenchConfig field -> command-line flag, so that errors name the argument the user typed.
 FLAGS = {"fixed_keep": "--fixed-keep", "average_tokens": "--average-tokens", "strategies": "--strategies",
          "fast_backend": "--fast-backend", "dtype": "--dtype", "device": "--device", "warmup": "--warmup",
-         "repeats": "--repeats", "threads": "--threads", "model": "--preset"}
+         "repeats": "--repeats", "threads": "--threads", "model": "--preset", "baselines": "--baseline"}
 
 
 @subcommand("bench", help="time prefill of the supplementary Table 3 strategies (FLOPs, KV bytes, ratios)")
@@ -33,6 +33,9 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", default=None, help="write the per-run rows to this CSV (atomically)")
+    parser.add_argument("--baseline", nargs="+", default=(), metavar="METHOD",
+                        help="also time training-free baselines at --average-tokens: fastv, pyramiddrop, sparsevlm, "
+                             "uniform, random")
 
     def run(args: argparse.Namespace) -> int:
         from atp_repro import paths
@@ -56,7 +59,8 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
                                  fixed_keep=tuple(args.fixed_keep) if args.fixed_keep else None,
                                  strategies=tuple(args.strategies or STRATEGIES), fast_backend=args.fast_backend,
                                  dtype=args.dtype,
-                                 device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+                                 device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                                 baselines=tuple(args.baseline))
         except BenchConfigError as err:
             raise ValueError(f"argument {FLAGS.get(err.field, err.field)}: {err}") from None
         result = run_benchmark(config, run_id="bench", progress=True)

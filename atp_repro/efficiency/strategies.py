@@ -11,6 +11,11 @@ strategy       paper row (supplementary Table 3)      attention kernels
 ``atp_fast``   (ours, not in the paper)               fast kernel everywhere; scores from q/k
 =============  =====================================  ==========================================
 
+``baselines`` adds training-free methods that prune inside the language model
+(:mod:`atp_repro.baselines`: FastV, PyramidDrop, SparseVLM and the controls) at the same average
+token count, each as a strategy ``baseline_<method>``: fast kernel everywhere, scores from q/k at its
+own pruning layers.
+
 "Fast kernel" is ``flash_attention_2`` on a GPU with flash-attn installed, else ``sdpa`` (on CPU
 the stand-ins for "no flash" / "flash" are eager / SDPA). All strategies share the same weights:
 the ATP models are copies of the upper-bound model whose parameters are the same tensors. Runs
@@ -36,7 +41,6 @@ from .flops import ModelShapes, prefill_flops
 from .kv_cache import analytic_kv_bytes, cache_of, measure_kv_cache
 from .models import (
     TimingModelConfig,
-    average_vision_tokens,
     build_timing_model,
     layer_vision_counts,
     solve_fixed_keep,
@@ -133,11 +137,12 @@ class BenchConfig:
     warmup: int = 2
     repeats: int = 7
     threads: int | None = None
+    baselines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             object.__setattr__(self, "model", timing_model_config(self.model))
-        for name in ("fixed_keep", "strategies"):
+        for name in ("fixed_keep", "strategies", "baselines"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.model, TimingModelConfig):
@@ -177,6 +182,21 @@ class BenchConfig:
             _fail("repeats", self.repeats, "an int >= 1")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             _fail("threads", self.threads, "None or an int >= 1")
+        if self.baselines:
+            from atp_repro.baselines import IN_LLM_METHODS, stage_counts
+
+            bad = [b for b in self.baselines if b not in IN_LLM_METHODS]
+            if bad or len(set(self.baselines)) != len(self.baselines):
+                _fail("baselines", self.baselines, f"distinct names from {list(IN_LLM_METHODS)} (methods that prune "
+                      "inside the language model; VisionZip and PruMerge+ change the prompt length and are not "
+                      "timed yet)")
+            if self.average_tokens is None:
+                _fail("average_tokens", None, "a target average when baselines are timed")
+            for b in self.baselines:
+                try:
+                    stage_counts(b, self.average_tokens, self.model.num_layers, self.model.num_vision)
+                except ValueError as err:
+                    raise BenchConfigError("average_tokens", f"{b}: {err}") from None
         if self.fast_backend == "flash_attention_2" and not _flash_attention_usable(self.resolved_device):
             _fail("fast_backend", self.fast_backend, "'auto' or 'sdpa' (flash_attention_2 needs CUDA and the "
                   "flash-attn package)")
@@ -241,6 +261,24 @@ def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _baseline_plans(config: BenchConfig, base_model: torch.nn.Module, fast_impl: str) -> list[dict]:
+    """One plan per baseline: a shared-weight copy pruned by the method at the config's average."""
+    from atp_repro.baselines import apply_baseline, module_layers_of, stage_counts
+
+    cfg, plans = config.model, []
+    for method in config.baselines:
+        starts, counts = stage_counts(method, config.average_tokens, cfg.num_layers, cfg.num_vision)
+        modules = module_layers_of(starts)
+        model = apply_baseline(_shared_copy(base_model), method, config.average_tokens,
+                               scoring_backend="fast").eval()
+        strategy = Strategy(f"baseline_{method}", f"{method} (training-free, fast kernel)", atp=True,
+                            fast_attention=True, scoring="fast", in_paper=False)
+        plans.append({"strategy": strategy, "model": model, "impl": fast_impl, "keep": counts,
+                      "counts": layer_vision_counts(counts, modules, cfg.num_layers, cfg.num_vision),
+                      "backends": compact_backends(layer_backends(cfg.num_layers, fast_impl, modules, "fast"))})
+    return plans
+
+
 def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = None, run_id: str = "",
                   progress: bool = False) -> BenchResult:
     """Time every strategy of ``config`` in one interleaved run.
@@ -260,6 +298,7 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
     inputs = timing_inputs(cfg, dtype=dtype, device=device)
     keep = config.resolved_fixed_keep
     models: dict[str | None, torch.nn.Module] = {None: base_model}
+    baseline_plans = _baseline_plans(config, base_model, fast_impl)
     for strategy in (STRATEGIES[s] for s in config.strategies):
         if strategy.atp and strategy.scoring not in models:
             atp_cfg = ATPConfig(module_layers=cfg.module_layers, fixed_keep=keep, scoring_backend=strategy.scoring)
@@ -274,7 +313,8 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
         counts = layer_vision_counts(keep if s.atp else None, cfg.module_layers, cfg.num_layers, cfg.num_vision)
         backends = layer_backends(cfg.num_layers, impl, cfg.module_layers if s.atp else (), s.scoring)
         plans.append({"strategy": s, "model": models[s.scoring if s.atp else None], "impl": impl,
-                      "counts": counts, "backends": compact_backends(backends)})
+                      "counts": counts, "backends": compact_backends(backends), "keep": keep if s.atp else None})
+    plans += baseline_plans
 
     # Check pass: the schedule and the cache really are what the analytic numbers assume.
     checks = {}
@@ -303,7 +343,7 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
                 "encode_seconds": t.encode_seconds, "overhead_seconds": t.overhead_seconds,
                 "attn_implementation": plan["impl"], "scoring_backend": s.scoring or "",
                 "layer_backends": plan["backends"], "vision_backend": plan["impl"], "model": cfg.name,
-                "fixed_keep": str(tuple(keep)) if s.atp else "", **facts,
+                "fixed_keep": str(tuple(plan["keep"])) if plan["keep"] is not None else "", **facts,
             })
             if progress:
                 print(f"round {r} {s.name}: {t.seconds * 1e3:.1f} ms", flush=True)
@@ -329,8 +369,7 @@ def _summarize(runs: pd.DataFrame, plans: list[dict], checks: dict, shapes: Mode
             overhead_fraction = statistics.median((mine.overhead_seconds / mine.seconds).tolist())
         records.append({
             "strategy": s.name, "label": s.label, "in_paper": s.in_paper,
-            "avg_tokens": average_vision_tokens(tuple(plan["counts"][layer + 1] for layer in cfg.module_layers) if s.atp
-                                                else None, cfg.module_layers, cfg.num_layers, cfg.num_vision),
+            "avg_tokens": sum(plan["counts"]) / len(plan["counts"]),  # vision tokens averaged over layers
             "measured_avg_tokens": checks[s.name]["measured_avg_tokens"],
             "median_s": stats["median"], "min_s": stats["min"], "max_s": stats["max"], "iqr_s": stats["iqr"],
             "spread": stats["spread"], "encode_median_s": float(mine.encode_seconds.median()),
