@@ -98,5 +98,7 @@ def test_bad_baselines_are_named():
                                 ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
     with pytest.raises(BenchConfigError, match="baselines.*prune inside the language model"):
         BenchConfig(model=model, average_tokens=30.0, baselines=("prumerge+",))
-    with pytest.raises(BenchConfigError, match="pyramiddrop"):
-        BenchConfig(model=model, average_tokens=5.0, baselines=("pyramiddrop",))
+    early = timing_model_config("smoke", num_layers=8, module_layers=(0, 3, 5), hidden=64, heads=1, kv_heads=1,
+                                ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
+    with pytest.raises(BenchConfigError, match="pyramiddrop: budget must be"):  # ATP reaches 10 tokens, PyramidDrop not
+        BenchConfig(model=early, average_tokens=10.0, baselines=("pyramiddrop",))
