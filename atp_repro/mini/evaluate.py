@@ -41,14 +41,11 @@ def has_atp(model: torch.nn.Module) -> bool:
 
 
 def _kept_counts(model: torch.nn.Module, batch_size: int, n_layers: int, n_vision: int) -> np.ndarray:
-    from atp_repro.prellm import has_reduction, reduction_counts
+    from atp_repro.baselines import baseline_token_counts
+    from atp_repro.prellm import has_reduction
 
-    if has_reduction(model):  # vision-side reduction (PruMerge+, VisionZip): K_i tokens in every layer
-        return reduction_counts(model).cpu().numpy().astype(np.int64)
-    if has_atp(model):
-        from atp_repro import token_counts  # type: ignore
-
-        return token_counts(model).detach().cpu().numpy().astype(np.int64)
+    if has_reduction(model) or has_atp(model):  # ATP, an in-LLM baseline, or a vision-side reduction
+        return baseline_token_counts(model).detach().cpu().numpy().astype(np.int64)
     return np.full((batch_size, n_layers), n_vision, dtype=np.int64)
 
 

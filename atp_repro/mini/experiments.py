@@ -162,14 +162,19 @@ class Setup:
 
     def seeded(self, name: str | Variant, seeds: int, progress: bool = False) -> Seeded:
         """``name`` fine-tuned with seeds 0..seeds-1 (each cached), every model evaluated on the test set."""
+        label = name if isinstance(name, str) else name.description
+        return self._seeded(label, seeds, lambda k: self.finetune(name, progress=progress, seed=k))
+
+    def _seeded(self, label: str, seeds: int, run) -> Seeded:
+        """``run(k)`` -> (model, tokenizer, info) for seeds k = 0..seeds-1, each evaluated on the test set."""
         if not (isinstance(seeds, int) and seeds >= 1):
             raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
         results, infos = [], []
         for k in range(seeds):
-            model, tok, info = self.finetune(name, progress=progress, seed=k)
+            model, tok, info = run(k)
             results.append(self.evaluate(model, info, tok))
             infos.append(info)
-        return Seeded(name if isinstance(name, str) else name.description, results, infos)
+        return Seeded(label, results, infos)
 
     def baseline(self, method: str, tokens: float, layers: tuple[int, ...] | None = None):
         """A training-free baseline (:mod:`atp_repro.baselines`) on the upper bound at ``tokens`` (grid
@@ -205,14 +210,7 @@ class Setup:
 
     def seeded_reduction(self, method: str, tokens: float, seeds: int) -> Seeded:
         """:meth:`reduction_finetune` with seeds 0..seeds-1, each evaluated on the test set (all cached)."""
-        if not (isinstance(seeds, int) and seeds >= 1):
-            raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
-        results, infos = [], []
-        for k in range(seeds):
-            model, tok, info = self.reduction_finetune(method, tokens, seed=k)
-            results.append(self.evaluate(model, info, tok))
-            infos.append(info)
-        return Seeded(f"{method} fine-tuned", results, infos)
+        return self._seeded(f"{method} fine-tuned", seeds, lambda k: self.reduction_finetune(method, tokens, seed=k))
 
     def calibration_pixels(self, tokenizer) -> torch.Tensor:
         """Pixel values of the first training images: where PruMerge+ sets its stride for a budget (never

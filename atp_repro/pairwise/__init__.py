@@ -12,7 +12,7 @@ from .judges import ModelJudge, ReferenceJudge, run_judge
 from .records import Judgement, JudgementError, read_judgements
 from .sample import PairwiseSample, draw_sample, find_sample_folder, load_sample, write_sample
 from .session import AnnotationSession
-from .tally import agreement, read_folder, tally, tally_folder
+from .tally import agreement, read_folder, tally, tally_folder, tally_judges
 
 
 def __getattr__(name: str):
@@ -40,5 +40,6 @@ __all__ = [
     "run_judge",
     "tally",
     "tally_folder",
+    "tally_judges",
     "write_sample",
 ]

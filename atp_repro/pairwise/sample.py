@@ -49,18 +49,19 @@ class Item:
     image: str = ""  # path of the image, relative to the sample folder
     image_sha256: str = ""
 
+    @property
+    def right(self) -> str:
+        """The system whose answer is shown as "B"."""
+        return next(s for s in self.answers if s != self.left)
+
     def side(self, choice: str) -> str | None:
         """The system a choice ("A" / "B" / "tie") prefers; None for a tie."""
-        if choice == "tie":
-            return None
-        right = next(s for s in self.answers if s != self.left)
-        return {"A": self.left, "B": right}[choice]
+        return None if choice == "tie" else {"A": self.left, "B": self.right}[choice]
 
     @property
     def shown(self) -> tuple[str, str]:
         """The answers as the annotator sees them: (A, B)."""
-        right = next(s for s in self.answers if s != self.left)
-        return self.answers[self.left], self.answers[right]
+        return self.answers[self.left], self.answers[self.right]
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ __all__ = [
     "agreement",
     "read_folder",
     "tally_folder",
+    "tally_judges",
 ]
 
 OUTCOMES = ("win", "tie", "loss")
@@ -187,9 +188,14 @@ def read_folder(folder: str | os.PathLike[str]) -> tuple[PairwiseSample, dict[st
 
 def tally_folder(folder: str | os.PathLike[str], *, level: float = LEVEL, n_resamples: int = N_RESAMPLES,
                  seed: int = 0) -> pd.DataFrame:
-    """One row per judge file (kind, counts, win rate, interval) and, with any human judgements, the
-    human average."""
-    sample, judges = read_folder(folder)
+    """:func:`tally_judges` of every judge file of ``folder``."""
+    return tally_judges(read_folder(folder)[1], level=level, n_resamples=n_resamples, seed=seed)
+
+
+def tally_judges(judges: Mapping[str, tuple[str, pd.Series]], *, level: float = LEVEL,
+                 n_resamples: int = N_RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """One row per judge (kind, counts, win rate, interval) of ``judges`` (judge -> (kind, outcomes), as
+    :func:`read_folder` gives them) and, with any human judgements, the human average."""
     rows = [{"judge": k, "kind": kind, **tally(o, level=level, n_resamples=n_resamples, seed=seed)}
             for k, (kind, o) in judges.items()]
     humans = {k: o for k, (kind, o) in judges.items() if kind == "human" and len(o)}

@@ -65,25 +65,30 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     return getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel, or its inner transformer
 
 
+def _feature_and_score_layers(model: nn.Module, method: str) -> tuple[int, int]:
+    """(encoder layer whose output is the features, encoder layer whose queries / keys score them).
+
+    PruMerge+ scores with the layer that reads the features (its code: layer 23 for features of layer
+    22); VisionZip with the feature layer's own attention.
+    """
+    n_layers = len(_encoder_layers(model))
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer must be one layer (an int), got {layer!r}")
+    feature = layer % (n_layers + 1) - 1
+    if feature < 0:
+        raise ValueError("vision_feature_layer selects the embeddings; nothing to score them with")
+    return feature, (min(feature + 1, n_layers - 1) if method == "prumerge+" else feature)
+
+
 class TokenReducer(nn.Module):
     """Registered as ``model.model.token_reducer``; holds the config, the hooks' captures and the counts."""
 
     def __init__(self, model: nn.Module, config: ReductionConfig) -> None:
         super().__init__()
         self.config = config
-        n_layers = len(_encoder_layers(model))
-        layer = model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer must be one layer (an int), got {layer!r}")
-        self.feature_layer = layer % (n_layers + 1) - 1  # encoder layer whose output is the features
-        if self.feature_layer < 0:
-            raise ValueError("vision_feature_layer selects the embeddings; nothing to score them with")
-        # PruMerge+ scores with the queries / keys of the layer that reads the features (its code: layer
-        # 23 for features of layer 22); VisionZip with the feature layer's own attention.
-        after = min(self.feature_layer + 1, n_layers - 1)
-        self.score_layer = after if config.method == "prumerge+" else self.feature_layer
+        self.feature_layer, self.score_layer = _feature_and_score_layers(model, config.method)
         self.num_heads = _encoder_layers(model)[self.score_layer].self_attn.num_heads
-        self.select_strategy = model.config.vision_feature_select_strategy
         self.num_patches = int(model.config.image_seq_length)
         self._captured: dict[str, torch.Tensor] = {}
         self.counts: torch.Tensor | None = None  # (B,) tokens per image of the last forward with images
@@ -129,11 +134,12 @@ class TokenReducer(nn.Module):
 
     def reduce(self, features: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
         """Reduced features per image, each (K_i, C)."""
-        attn, kept = self.selection(q, k)
         if self.config.method == "prumerge+":
+            attn, kept = self.selection(q, k)
             patches, keys = features[:, 1:], k[:, 1:]
             return [rules.prumerge_merge(patches[i], keys[i], attn[i], kept[i], self.config.neighbours)
                     for i in range(features.shape[0])]
+        attn = rules.cls_attention_heads(q, k, self.num_heads)  # VisionZip selects its dominant tokens itself
         b, s, _ = k.shape
         keys = k.view(b, s, self.num_heads, -1).mean(2)  # VisionZip's metric: keys averaged over heads
         dominant, contextual = rules.visionzip_split(self.config.tokens)
@@ -275,16 +281,16 @@ def reduction_counts(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def prumerge_attention(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """PruMerge+'s CLS attention (B, N) of ``pixel_values``, from the tower's hidden states (no hooks)."""
-    tower = model.model.vision_tower
-    n_layers = len(_encoder_layers(model))
-    feature_layer = model.config.vision_feature_layer % (n_layers + 1) - 1
-    score = _encoder_layers(model)[min(feature_layer + 1, n_layers - 1)]
-    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[min(feature_layer + 1, n_layers - 1)]
+    _, layer = _feature_and_score_layers(model, "prumerge+")
+    score = _encoder_layers(model)[layer]
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]  # its input
     normed = score.layer_norm1(hidden)
     return rules.cls_attention_single_head(score.self_attn.q_proj(normed), score.self_attn.k_proj(normed))
 
 
-DIVISOR_RANGE = (1e-3, 576.0)  # PruMerge+'s stride divisor: from one uniform patch to a stride of 1
+def _divisor_range(num_patches: int) -> tuple[float, float]:
+    """PruMerge+'s stride divisor: from one uniform patch to a stride of 1."""
+    return 1e-3, float(max(576, num_patches))
 
 
 def _mean_count(attention: torch.Tensor, divisor: float) -> float:
@@ -296,24 +302,22 @@ def _mean_count(attention: torch.Tensor, divisor: float) -> float:
 
 def prumerge_count_range(attention: torch.Tensor) -> tuple[float, float]:
     """The fewest and most tokens per image (on average over ``attention``) PruMerge+'s divisor can give."""
-    return _mean_count(attention, DIVISOR_RANGE[0]), _mean_count(attention, max(DIVISOR_RANGE[1], attention.shape[1]))
+    lo, hi = _divisor_range(attention.shape[1])
+    return _mean_count(attention, lo), _mean_count(attention, hi)
 
 
 def prumerge_divisor_for(attention: torch.Tensor, budget: float, *, iterations: int = 50) -> float:
     """The uniform-stride divisor at which PruMerge+ keeps ``budget`` tokens per image on average over
     ``attention`` (B, N) (merged extra token included), by bisection (the count grows with the divisor)."""
-    def mean_count(divisor: float) -> float:
-        return _mean_count(attention, divisor)
-
-    lo, hi = DIVISOR_RANGE[0], max(DIVISOR_RANGE[1], float(attention.shape[1]))
+    lo, hi = _divisor_range(attention.shape[1])
     low_count, high_count = prumerge_count_range(attention)
     if not (isinstance(budget, (int, float)) and low_count <= budget <= high_count):
         raise ValueError(f"budget must be within what PruMerge+ keeps on these images, [{low_count:.1f}, "
                          f"{high_count:.1f}] tokens per image; got {budget!r}")
     for _ in range(iterations):
         mid = (lo * hi) ** 0.5  # the count moves with the stride 1 / divisor: bisect on a log scale
-        lo, hi = (mid, hi) if mean_count(mid) < budget else (lo, mid)
-    return lo if abs(mean_count(lo) - budget) <= abs(mean_count(hi) - budget) else hi
+        lo, hi = (mid, hi) if _mean_count(attention, mid) < budget else (lo, mid)
+    return lo if abs(_mean_count(attention, lo) - budget) <= abs(_mean_count(attention, hi) - budget) else hi
 
 
 def reduction_for_budget(model: nn.Module, method: str, budget: float,
