@@ -127,7 +127,8 @@ def lab(tmp_path, browser_ready):
 
 
 _IDLE = ".jp-Notebook-ExecutionIndicator[data-status='idle']"
-_LAST_PROMPT = "() => [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')].pop()?.textContent"
+_LAST_PROMPT = ("() => [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')]"
+                ".pop()?.textContent")
 
 
 def _select_kernel(page) -> None:
