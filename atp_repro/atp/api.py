@@ -75,7 +75,10 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         raise ValueError("the model config has no image_token_id; ATP finds the vision span from it")
-    num_vision = _grid_size_hint(model) ** 2
+    side = _grid_size_hint(model)
+    # LLaVA-NeXT-style inputs hold several side x side tiles per image (config.image_seq_length)
+    seq_length = getattr(model.config, "image_seq_length", None) or 0
+    num_vision = seq_length if seq_length > side * side and seq_length % (side * side) == 0 else side * side
     if config.fixed_keep is not None and max(config.fixed_keep) > num_vision:
         raise ValueError(f"ATPConfig.fixed_keep={config.fixed_keep} keeps more than the model's {num_vision} vision "
                          f"tokens; allowed: counts in 0..{num_vision}")
@@ -87,7 +90,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     lm.__class__ = atp_language_model_class(type(lm))
     # transformers keys its output-capture registry by class: register the new class.
     _CAN_RECORD_REGISTRY[lm] = lm._can_record_outputs
-    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id))
+    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id), tile_side=side)
     lm._atp_runtime = runtime
     # save_pretrained writes the stock checkpoint (a stock from_pretrained loads it without unexpected
     # keys); the ATP modules live in their own files beside it (save_atp / save_atp_pretrained).

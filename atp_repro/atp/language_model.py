@@ -42,7 +42,7 @@ from .masks import (
     last_true,
 )
 from .positions import rope2d_cos_sin
-from .spatial import grid_size_for, spatial_scores
+from .spatial import spatial_scores, vision_grid
 
 
 @dataclass
@@ -86,6 +86,7 @@ class ATPRuntime:
     pending_image_mask: torch.Tensor | None = None
     pending_answer_mask: torch.Tensor | None = None
     prompt_length: int | None = None
+    tile_side: int | None = None  # the vision tower's grid side: spans of several G x G tiles (see vision_grid)
     record: ATPRecord | None = None
     cache_states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -93,7 +94,7 @@ class ATPRuntime:
         """Deep copies and pickles of a model start without the original's last pass: the record holds
         graph tensors (which cannot be copied) and belongs to the original; pending inputs and cache
         states too."""
-        return ATPRuntime, (self.config, self.image_token_id)
+        return ATPRuntime, (self.config, self.image_token_id, None, None, None, self.tile_side)
 
 
 @dataclass
@@ -180,7 +181,10 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool,
                                                                                device=device)
     num_vision, grid_index, image_end = _vision_layout(image_mask, valid)
-    grid = grid_size_for(num_vision)
+    grid, tiles = vision_grid(num_vision, runtime.tile_side)
+    if tiles > 1 and cfg.position_encoding == "learned2d":
+        raise ValueError(f"position_encoding='learned2d' has one {grid} x {grid} grid of embeddings; this input has "
+                         f"{tiles} tiles of image tokens; use 'original' or 'rope2d'")
     positions = torch.arange(length, device=device)[None]
     if answer_mask is None:
         answer_mask = torch.zeros_like(valid)
@@ -208,8 +212,9 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     keep_value = torch.ones(batch, length, device=device) if soft else None
     keep_surrogate = None  # straight-through only: the smooth keep values the attention bias differentiates
     use_eager = resolve_scoring_backend(cfg.scoring_backend, model.config._attn_implementation)
-    spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).to(device)
-    control_table = (control_scores(cfg.importance, grid, cfg.grid_strides, cfg.lambda_sample).to(device)
+    # one table per tile, repeated: every tile is sampled by the same nested grids
+    spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).repeat(tiles).to(device)
+    control_table = (control_scores(cfg.importance, grid, cfg.grid_strides, cfg.lambda_sample).repeat(tiles).to(device)
                      if cfg.importance in CONTROL_IMPORTANCES else None)
     module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
     stage_counts = [image_mask.sum(-1).float()]  # N_0 per sample (0 for a text-only sample)

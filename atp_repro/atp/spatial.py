@@ -57,3 +57,25 @@ def grid_size_for(num_vision_tokens: int) -> int:
             "which is not a perfect square"
         )
     return side
+
+
+def vision_grid(num_vision_tokens: int, tile_side: int | None = None) -> tuple[int, int]:
+    """``(G, tiles)``: the image span is ``tiles`` G x G grids one after another (row-major each).
+
+    One square grid is the LLaVA-1.5 case. Several tiles are how LLaVA-NeXT-style inputs reach
+    more tokens (e.g. 5 crops of 24 x 24 = 2880): the vision tower encodes each crop on its own
+    ``tile_side`` x ``tile_side`` grid, and the spatial rule samples every tile with the same nested
+    grids. Tiles stack downwards, so token t sits at row ``t // G`` (continuing across tiles) and
+    column ``t % G``: the layout the 2-D positional encodings read.
+
+    >>> vision_grid(576), vision_grid(2880, 24)
+    ((24, 1), (24, 5))
+    """
+    if tile_side is not None and tile_side > 0 and num_vision_tokens % (tile_side * tile_side) == 0:
+        return tile_side, num_vision_tokens // (tile_side * tile_side)
+    try:
+        return grid_size_for(num_vision_tokens), 1
+    except ValueError:
+        tiles = "" if tile_side is None else f" or a multiple of the vision tower's {tile_side} x {tile_side} grid"
+        raise ValueError(f"ATP needs a square vision grid{tiles}; got {num_vision_tokens} image tokens per "
+                         "sample") from None

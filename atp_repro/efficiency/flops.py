@@ -64,7 +64,8 @@ class ModelShapes:
     vision_ffn: int
     vision_layers: int
     patch_size: int
-    num_vision: int
+    num_vision: int  # vision tokens per sample (all tiles)
+    tiles: int = 1  # images the vision tower encodes per sample (LLaVA-NeXT-style crops)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShapes:
@@ -73,11 +74,14 @@ class ModelShapes:
         text, vision = config.text_config, config.vision_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         grid = vision.image_size // vision.patch_size
+        seq_length = getattr(config, "image_seq_length", 0) or 0
+        tiles = seq_length // (grid * grid) if seq_length > grid * grid and seq_length % (grid * grid) == 0 else 1
         return cls(hidden=text.hidden_size, heads=text.num_attention_heads,
                    kv_heads=text.num_key_value_heads or text.num_attention_heads, head_dim=head_dim,
                    ffn=text.intermediate_size, num_layers=text.num_hidden_layers, vocab_size=text.vocab_size,
                    vision_hidden=vision.hidden_size, vision_ffn=vision.intermediate_size,
-                   vision_layers=vision.num_hidden_layers, patch_size=vision.patch_size, num_vision=grid * grid)
+                   vision_layers=vision.num_hidden_layers, patch_size=vision.patch_size, num_vision=tiles * grid * grid,
+                   tiles=tiles)
 
 
 def decoder_layer_flops(n: int, c: int, s: ModelShapes) -> dict[str, int]:
@@ -94,14 +98,14 @@ def decoder_layer_flops(n: int, c: int, s: ModelShapes) -> dict[str, int]:
 
 
 def vision_flops(s: ModelShapes) -> dict[str, int]:
-    """FLOPs of the vision tower (all layers, with CLS) and the projector for one image."""
-    n, d_v = s.num_vision, s.vision_hidden
+    """FLOPs of the vision tower (all layers, with CLS) and the projector for one sample (all its tiles)."""
+    n, d_v = s.num_vision // s.tiles, s.vision_hidden  # tokens per tile
     t = n + 1
     layer = 4 * 2 * t * d_v * d_v + 2 * 2 * t * t * d_v + 2 * 2 * t * d_v * s.vision_ffn
     return {
-        "patch_embedding": 2 * n * 3 * s.patch_size ** 2 * d_v,
-        "vision_layers": s.vision_layers * layer,
-        "projector": 2 * n * d_v * s.hidden + 2 * n * s.hidden * s.hidden,
+        "patch_embedding": s.tiles * 2 * n * 3 * s.patch_size ** 2 * d_v,
+        "vision_layers": s.tiles * s.vision_layers * layer,
+        "projector": s.tiles * (2 * n * d_v * s.hidden + 2 * n * s.hidden * s.hidden),
     }
 
 

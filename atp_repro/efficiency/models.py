@@ -57,7 +57,10 @@ class TimingModelConfig:
             fewer than ``heads``) and SwiGLU width.
         vocab_size: vocabulary (LLaVA-1.5: 32064); prefill computes logits of the last token only.
         vision_hidden, vision_heads, vision_ffn, vision_layers: CLIP vision tower shapes.
-        image_size, patch_size: image side and patch side; (image_size / patch_size)^2 vision tokens.
+        image_size, patch_size: image side and patch side; (image_size / patch_size)^2 vision tokens
+            per tile.
+        tiles: image tiles per sample, each encoded by the vision tower on its own (LLaVA-NeXT-style
+            crops: 5 tiles of 24 x 24 = 2880 vision tokens); 1 = LLaVA-1.5.
         prefix_tokens: text tokens before the image (BOS + system prompt + ``USER:``).
         prompt_tokens: text tokens after the image (the question and ``ASSISTANT:``).
         seed: weight and input seed.
@@ -77,6 +80,7 @@ class TimingModelConfig:
     vision_layers: int = 6
     image_size: int = 336
     patch_size: int = 14
+    tiles: int = 1
     prefix_tokens: int = 32
     prompt_tokens: int = 32
     seed: int = 0
@@ -85,7 +89,8 @@ class TimingModelConfig:
         if isinstance(self.module_layers, list):
             object.__setattr__(self, "module_layers", tuple(self.module_layers))
         for name in ("num_layers", "hidden", "heads", "kv_heads", "ffn", "vocab_size", "vision_hidden",
-                     "vision_heads", "vision_ffn", "vision_layers", "image_size", "patch_size", "prompt_tokens"):
+                     "vision_heads", "vision_ffn", "vision_layers", "image_size", "patch_size", "tiles",
+                     "prompt_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an int >= 1")
@@ -115,7 +120,7 @@ class TimingModelConfig:
 
     @property
     def num_vision(self) -> int:
-        return self.grid * self.grid
+        return self.tiles * self.grid * self.grid
 
     @property
     def text_tokens(self) -> int:
@@ -167,7 +172,7 @@ def llava_config(cfg: TimingModelConfig, attn_implementation: str = "sdpa") -> L
                                 num_key_value_heads=cfg.kv_heads, bos_token_id=BOS_TOKEN_ID, eos_token_id=2,
                                 pad_token_id=PAD_TOKEN_ID, max_position_embeddings=max(4096, cfg.seq_len)),
         image_token_id=IMAGE_TOKEN_ID,
-        image_seq_length=cfg.num_vision,
+        image_seq_length=cfg.num_vision,  # all tiles
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         projector_hidden_act="gelu",
@@ -198,14 +203,14 @@ def timing_inputs(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """``[BOS prefix][576 image tokens][prompt]`` ids and random pixels, no padding."""
+    """``[BOS prefix][tiles x 576 image tokens][prompt]`` ids and random pixels (one image per tile), no padding."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     low = IMAGE_TOKEN_ID + 1
     prefix = torch.randint(low, cfg.vocab_size, (batch, cfg.prefix_tokens - 1), generator=generator)
     prompt = torch.randint(low, cfg.vocab_size, (batch, cfg.prompt_tokens), generator=generator)
     input_ids = torch.cat([torch.full((batch, 1), BOS_TOKEN_ID), prefix,
                            torch.full((batch, cfg.num_vision), IMAGE_TOKEN_ID), prompt], dim=1)
-    pixel_values = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=generator)
+    pixel_values = torch.randn(batch * cfg.tiles, 3, cfg.image_size, cfg.image_size, generator=generator)
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
             "pixel_values": pixel_values.to(device=device, dtype=dtype)}
 

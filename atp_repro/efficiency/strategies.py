@@ -39,6 +39,7 @@ from atp_repro.atp import ATPConfig, apply_atp, token_counts
 
 from .flops import ModelShapes, prefill_flops
 from .kv_cache import analytic_kv_bytes, cache_of, measure_kv_cache
+from .machine import busy_note, contention, measure
 from .models import (
     TimingModelConfig,
     build_timing_model,
@@ -336,22 +337,23 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
         order = plans[r % len(plans):] + plans[: r % len(plans)]
         for plan in order:
             plan["model"].set_attn_implementation(plan["impl"])
-            t = time_prefill(plan["model"], inputs)
+            with measure(device) as machine:
+                t = time_prefill(plan["model"], inputs)
             s = plan["strategy"]
             rows.append({
                 "run_id": run_id, "strategy": s.name, "label": s.label, "round": r, "seconds": t.seconds,
                 "encode_seconds": t.encode_seconds, "overhead_seconds": t.overhead_seconds,
                 "attn_implementation": plan["impl"], "scoring_backend": s.scoring or "",
                 "layer_backends": plan["backends"], "vision_backend": plan["impl"], "model": cfg.name,
-                "fixed_keep": str(tuple(plan["keep"])) if plan["keep"] is not None else "", **facts,
+                "fixed_keep": str(tuple(plan["keep"])) if plan["keep"] is not None else "", **machine.row(), **facts,
             })
             if progress:
                 print(f"round {r} {s.name}: {t.seconds * 1e3:.1f} ms", flush=True)
-    runs = pd.DataFrame(rows)
+    runs = contention(pd.DataFrame(rows), by="strategy")
     summary = _summarize(runs, plans, checks, shapes, cfg, dtype)
     facts = {**facts, "fast_backend": fast_impl, "fast_bf16": fast_bf16_available(device), "fixed_keep": keep,
              "module_layers": cfg.module_layers, "model_config": cfg.to_dict(), "rounds": config.repeats,
-             "warmup": config.warmup}
+             "warmup": config.warmup, "machine": busy_note(runs)}
     return BenchResult(config, runs, summary, facts)
 
 
