@@ -42,6 +42,8 @@ __all__ = [
     "interval_rows",
     "lr_schedules",
     "pairwise_outcomes",
+    "generation_bars",
+    "scaling_lines",
 ]
 
 DPI = 110
@@ -357,6 +359,46 @@ def pairwise_outcomes(tallies: pd.DataFrame, paper: Mapping[str, float], title: 
     ax2.axvline(50, color="black", linestyle="--", linewidth=1)
     ax2.set_yticks(y2, [r[0] for r in rows])
     ax2.set_xlabel(f"win % of {systems[0]} (ties count half)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def generation_bars(runs: pd.DataFrame, title: str) -> Any:
+    """Time to first token and decode time per new token, by strategy and batch size (medians, quartile bars)."""
+    use_style()
+    long = pd.concat([
+        runs.assign(phase="time to first token (ms)", ms=1e3 * runs.ttft_s),
+        runs.assign(phase="decode, per new token (ms)", ms=1e3 * runs.decode_s / (runs.new_tokens - 1)),
+    ], ignore_index=True)
+    long["setting"] = "batch " + long.batch.astype(str)
+    grid = sns.catplot(data=long, kind="bar", x="setting", y="ms", hue="strategy", col="phase", sharey=False,
+                       estimator="median", errorbar=("pi", 50), height=3.6, aspect=1.2)
+    grid.set_axis_labels("", "ms (median, quartile bars)")
+    grid.set_titles("{col_name}")
+    grid.figure.suptitle(title, y=1.03)
+    return grid.figure
+
+
+def scaling_lines(metrics: pd.DataFrame, title: str, *, target: float) -> Any:
+    """Against the vision-token count: measured / FLOPs-predicted prefill reduction of both ATP strategies
+    (left), and t(paper's strategy) / t(fast kernel everywhere) with its quartiles (right)."""
+    use_style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    long = pd.concat([metrics.assign(strategy=s, ratio=metrics[f"{s}_measured_over_predicted"])
+                      for s in ("atp_fast", "atp_paper")], ignore_index=True)
+    sns.lineplot(data=long, x="vision_tokens", y="ratio", hue="strategy", marker="o", ax=left)
+    left.axhline(target, color="black", linestyle="--", linewidth=1)
+    left.set_xlabel("vision tokens (upper bound)")
+    left.set_ylabel("measured / FLOPs-predicted reduction")
+    left.set_xticks(metrics.vision_tokens)
+    right.errorbar(metrics.vision_tokens, metrics.paper_over_fast,
+                   yerr=[metrics.paper_over_fast - metrics.paper_over_fast_q1,
+                         metrics.paper_over_fast_q3 - metrics.paper_over_fast], fmt="o-", capsize=4)
+    right.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    right.set_xlabel("vision tokens (upper bound)")
+    right.set_ylabel("t(atp_paper) / t(atp_fast)")
+    right.set_xticks(metrics.vision_tokens)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -19,6 +19,11 @@ from atp_repro.efficiency.strategies import BenchConfig, BenchConfigError
         (["--repeats", "0"], "--repeats"),
         (["--preset", "huge"], "--preset"),
         (["--dtype", "int8"], "--dtype"),
+        (["--generate", "-3"], "--generate"),
+        (["--generate", "8", "--batch-sizes", "0"], "--batch-sizes"),
+        (["--generate", "8", "--baseline", "fastv"], "--generate"),
+        (["--tiles", "0"], "--tiles"),
+        (["--tiles", "5", "--average-tokens", "100"], "--average-tokens"),
     ],
 )
 def test_bad_arguments_fail_naming_the_argument(argv, flag, capsys):

@@ -1,4 +1,5 @@
-"""``atp-repro bench``: time prefill of the Table 3 strategies (loaded by atp_repro.cli's plugin hook)."""
+"""``atp-repro bench``: time prefill of the Table 3 strategies, or (``--generate N``) end-to-end generation
+with the KV cache (loaded by atp_repro.cli's plugin hook)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from atp_repro.cli import Handler, subcommand
 # BenchConfig field -> command-line flag, so that errors name the argument the user typed.
 FLAGS = {"fixed_keep": "--fixed-keep", "average_tokens": "--average-tokens", "strategies": "--strategies",
          "fast_backend": "--fast-backend", "dtype": "--dtype", "device": "--device", "warmup": "--warmup",
-         "repeats": "--repeats", "threads": "--threads", "model": "--preset", "baselines": "--baseline"}
+         "repeats": "--repeats", "threads": "--threads", "model": "--preset", "baselines": "--baseline",
+         "new_tokens": "--generate", "batch_sizes": "--batch-sizes"}
 
 
 @subcommand("bench", help="time prefill of the supplementary Table 3 strategies (FLOPs, KV bytes, ratios)")
@@ -33,6 +35,13 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", default=None, help="write the per-run rows to this CSV (atomically)")
+    parser.add_argument("--tiles", type=int, default=1,
+                        help="image tiles of the preset's grid per sample (5 x 576 = 2880 vision tokens; default 1)")
+    parser.add_argument("--generate", type=int, default=None, metavar="N",
+                        help="time generation instead of prefill: N new tokens with the KV cache (TTFT, decode "
+                             "tokens/s, KV bytes, peak memory) for the upper bound, ATP and a text-only floor")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B",
+                        help="batch sizes for --generate (default 1 8)")
     parser.add_argument("--baseline", nargs="+", default=(), metavar="METHOD",
                         help="also time training-free baselines at --average-tokens: fastv, pyramiddrop, sparsevlm, "
                              "uniform, random")
@@ -49,11 +58,15 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
         output = paths.check_output_file(args.output, "--output") if args.output else None
         if args.fixed_keep is not None and any(k < 0 for k in args.fixed_keep):
             raise ValueError(f"argument --fixed-keep: counts must be >= 0, got {args.fixed_keep}")
+        if args.tiles < 1:
+            raise ValueError(f"argument --tiles: expected an int >= 1, got {args.tiles}")
         try:
             changes = {} if args.module_layers is None else {"module_layers": tuple(args.module_layers)}
-            model = timing_model_config(args.preset, **changes)
+            model = timing_model_config(args.preset, **changes).replace(tiles=args.tiles)
         except ValueError as err:
             raise ValueError(f"argument --module-layers: {err}") from None
+        if args.generate is not None:
+            return _generation(args, model, output)
         try:
             config = BenchConfig(model=model, average_tokens=args.average_tokens,
                                  fixed_keep=tuple(args.fixed_keep) if args.fixed_keep else None,
@@ -74,3 +87,30 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+def _generation(args: argparse.Namespace, model, output) -> int:
+    from atp_repro import paths
+    from atp_repro.efficiency.generation import GenerationConfig, GenerationConfigError, run_generation_benchmark
+    from atp_repro.paper import to_markdown
+
+    if args.baseline or args.strategies or args.fixed_keep:
+        raise ValueError("argument --generate: times the upper bound, ATP and a text-only floor; --baseline, "
+                         "--strategies and --fixed-keep apply to prefill timing only")
+    try:
+        config = GenerationConfig(model=model, average_tokens=args.average_tokens, new_tokens=args.generate,
+                                  batch_sizes=tuple(args.batch_sizes), dtype=args.dtype, device=args.device,
+                                  fast_backend=args.fast_backend, warmup=args.warmup, repeats=args.repeats,
+                                  threads=args.threads)
+    except GenerationConfigError as err:
+        raise ValueError(f"argument {FLAGS.get(err.field, err.field)}: {err}") from None
+    result = run_generation_benchmark(config, run_id="bench", progress=True)
+    print(to_markdown(result.summary[["batch", "strategy", "avg_vision_tokens", "ttft_median_s", "decode_median_s",
+                                      "decode_tokens_per_s", "kv_bytes", "peak_generate_bytes"]]), end="")
+    print(to_markdown(result.metrics[["batch", "decode_saving_measured", "decode_saving_predicted",
+                                      "measured_over_predicted", "holds", "kv_saving"]]), end="")
+    print(result.facts["machine"])
+    if output is not None:
+        path = paths.atomic_write_text(output, result.runs.to_csv(index=False))
+        print(f"per-run rows: {path}")
+    return 0

@@ -13,8 +13,9 @@ one interleaved run per size (Table 3's machinery):
   three pruning layers, fast kernel elsewhere.
 
 Per size: measured / FLOPs-predicted prefill reduction of both ATP strategies against the upper
-bound (per-round paired ratios, Table 3's definition), and ``t(atp_paper) / t(atp_fast)``: how much
-the eager map costs as it grows quadratically with the tokens.
+bound (per-round paired ratios, Table 3's definition), ``t(atp_paper) / t(atp_fast)``: how much
+the eager map costs as it grows quadratically with the tokens, and each strategy's peak prefill
+memory (measured once per strategy, in the untimed check pass).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def run_scaling(configs: Sequence[BenchConfig], *, run_id: str = "", progress: b
         runs = result.runs.assign(vision_tokens=config.model.num_vision, tiles=config.model.tiles,
                                   avg_tokens=result.summary.set_index("strategy").avg_tokens.reindex(
                                       result.runs.strategy).to_numpy())
-        flops = result.summary.set_index("strategy").flops
-        runs["flops"] = flops.reindex(runs.strategy).to_numpy()
+        summary = result.summary.set_index("strategy")
+        for column in ("flops", "peak_prefill_bytes"):
+            runs[column] = summary[column].reindex(runs.strategy).to_numpy()
         frames.append(runs)
         if progress:
             print(f"{config.model.num_vision} vision tokens: "
@@ -79,16 +81,22 @@ def run_scaling(configs: Sequence[BenchConfig], *, run_id: str = "", progress: b
     return contention(pd.concat(frames, ignore_index=True), by="strategy")
 
 
+def _mib(value) -> float | None:
+    return None if value is None or pd.isna(value) else float(value) / 2**20
+
+
 def scaling_metrics(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per size: median times, measured / FLOPs-predicted reduction (both ATP strategies) and
-    ``t(atp_paper) / t(atp_fast)`` with per-round quartiles."""
+    """Per size: median times, peak prefill memory (MiB above the call's start; see
+    :func:`~atp_repro.efficiency.machine.peak_memory`), measured / FLOPs-predicted reduction (both ATP
+    strategies) and ``t(atp_paper) / t(atp_fast)`` with per-round quartiles."""
     rows = []
     for tokens, mine in runs.groupby("vision_tokens", sort=True):
         first = mine.groupby("strategy").first()
         med = mine.groupby("strategy").seconds.median()
         row = {"vision_tokens": int(tokens), "tiles": int(first.tiles.iloc[0]),
                "atp_avg_tokens": float(first.avg_tokens["atp_fast"]),
-               **{f"{s}_ms": 1e3 * float(med[s]) for s in STRATEGIES}}
+               **{f"{s}_ms": 1e3 * float(med[s]) for s in STRATEGIES},
+               **{f"{s}_peak_MiB": _mib(first.peak_prefill_bytes[s]) for s in STRATEGIES}}
         for s in ("atp_fast", "atp_paper"):
             ratios = summarize(paired_ratios(mine, s, "ub_fast"))
             measured = 1 - ratios["median"]

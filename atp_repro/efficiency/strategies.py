@@ -39,7 +39,7 @@ from atp_repro.atp import ATPConfig, apply_atp, token_counts
 
 from .flops import ModelShapes, prefill_flops
 from .kv_cache import analytic_kv_bytes, cache_of, measure_kv_cache
-from .machine import busy_note, contention, measure
+from .machine import busy_note, contention, measure, peak_memory
 from .models import (
     TimingModelConfig,
     build_timing_model,
@@ -321,11 +321,12 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
     checks = {}
     for plan in plans:
         plan["model"].set_attn_implementation(plan["impl"])
-        output = run_prefill(plan["model"], inputs)
+        with peak_memory(device) as peak:
+            output = run_prefill(plan["model"], inputs)
         measured = measure_kv_cache(cache_of(output), cfg.prefix_tokens, cfg.prompt_tokens)
         del output
         avg = float(token_counts(plan["model"]).float().mean()) if plan["strategy"].atp else float(cfg.num_vision)
-        checks[plan["strategy"].name] = {"measured_avg_tokens": avg, "kv": measured}
+        checks[plan["strategy"].name] = {"measured_avg_tokens": avg, "kv": measured, "peak": peak[0]}
 
     for _ in range(config.warmup):
         for plan in plans:
@@ -380,7 +381,9 @@ def _summarize(runs: pd.DataFrame, plans: list[dict], checks: dict, shapes: Mode
             "flops": flops.total, "lm_flops": flops.language_model,
             "kv_vision_bytes_measured": kv.vision_bytes,
             "kv_vision_bytes_analytic": analytic_kv_bytes(shapes, plan["counts"], dtype=dtype),
-            "kv_dtype": kv.dtype, "attn_implementation": plan["impl"], "scoring_backend": s.scoring or "",
+            "kv_dtype": kv.dtype, "peak_prefill_bytes": checks[s.name]["peak"].peak_bytes,
+            "memory_kind": checks[s.name]["peak"].kind, "attn_implementation": plan["impl"],
+            "scoring_backend": s.scoring or "",
             "layer_backends": plan["backends"],
         })
     return pd.DataFrame(records)
