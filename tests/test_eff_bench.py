@@ -75,10 +75,21 @@ def test_baselines_are_timed_beside_the_strategies_at_the_same_average():
     model = timing_model_config("smoke", num_layers=8, module_layers=(1, 3, 5), hidden=64, heads=1, kv_heads=1,
                                 ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
     config = BenchConfig(model=model, average_tokens=30.0, strategies=("ub_fast", "atp_fast"),
-                         baselines=("fastv", "sparsevlm"), dtype="float32", warmup=0, repeats=2)
+                         baselines=("fastv", "sparsevlm", "visionzip", "prumerge+"), dtype="float32", warmup=0,
+                         repeats=2)
     result = run_benchmark(config, run_id="t")
     s = result.summary.set_index("strategy")
-    assert list(s.index) == ["ub_fast", "atp_fast", "baseline_fastv", "baseline_sparsevlm"]
+    assert list(s.index) == ["ub_fast", "atp_fast", "baseline_fastv", "baseline_sparsevlm", "baseline_visionzip",
+                             "baseline_prumerge+"]
+    # vision-side methods: every layer sees their count; the prompt (and the cache) is shorter from layer 0 on
+    zip_row = s.loc["baseline_visionzip"]
+    assert zip_row.avg_tokens == zip_row.measured_avg_tokens == 30.0
+    for method in ("visionzip", "prumerge+"):
+        row = s.loc[f"baseline_{method}"]
+        assert row.avg_tokens == row.measured_avg_tokens
+        assert row.kv_vision_bytes_measured == row.kv_vision_bytes_analytic
+        assert row.flops < s.loc["ub_fast", "flops"] and row.layer_backends == "0-7:sdpa"
+    assert abs(s.loc["baseline_prumerge+"].avg_tokens - 30.0) <= 6  # adaptive: its stride is set for ~30
     for method in ("fastv", "sparsevlm"):
         row = s.loc[f"baseline_{method}"]
         assert abs(row.avg_tokens - 30.0) <= 1.0 and row.avg_tokens == row.measured_avg_tokens
@@ -96,8 +107,10 @@ def test_bad_baselines_are_named():
 
     model = timing_model_config("smoke", num_layers=8, module_layers=(1, 3, 5), hidden=64, heads=1, kv_heads=1,
                                 ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
-    with pytest.raises(BenchConfigError, match="baselines.*prune inside the language model"):
-        BenchConfig(model=model, average_tokens=30.0, baselines=("prumerge+",))
+    with pytest.raises(BenchConfigError, match="baselines.*distinct names from"):
+        BenchConfig(model=model, average_tokens=30.0, baselines=("prumerge",))
+    with pytest.raises(BenchConfigError, match="average_tokens.*visionzip: a budget in"):
+        BenchConfig(model=model, average_tokens=1.0, fixed_keep=(30, 20, 10), baselines=("visionzip",))
     early = timing_model_config("smoke", num_layers=8, module_layers=(0, 3, 5), hidden=64, heads=1, kv_heads=1,
                                 ffn=96, vocab_size=64, image_size=32, patch_size=4, prefix_tokens=4, prompt_tokens=6)
     with pytest.raises(BenchConfigError, match="pyramiddrop: budget must be"):  # ATP reaches 10 tokens, PyramidDrop not

@@ -271,3 +271,14 @@ def test_a_deep_copy_is_an_independent_model():
     changed = twin.generate(**batch, **kw)
     assert not torch.equal(changed, before)  # the copy runs its own weights ...
     assert torch.equal(model.generate(**batch, **kw), before)  # ... and the original its own
+
+
+@pytest.mark.parametrize("config", [ReductionConfig("visionzip", tokens=20),
+                                    ReductionConfig("prumerge+", stride_divisor=3.0, neighbours=4)])
+def test_logits_to_keep_returns_the_last_positions_of_the_callers_layout(config):
+    model = apply_reduction(tiny_llava(), config).eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        full = model(**batch).logits
+        last = model(**batch, logits_to_keep=1).logits
+    assert last.shape[1] == 1 and torch.allclose(last[:, 0], full[:, -1], atol=1e-5)

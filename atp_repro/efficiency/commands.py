@@ -44,7 +44,7 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
                         help="batch sizes for --generate (default 1 8)")
     parser.add_argument("--baseline", nargs="+", default=(), metavar="METHOD",
                         help="also time training-free baselines at --average-tokens: fastv, pyramiddrop, sparsevlm, "
-                             "uniform, random")
+                             "uniform, random, visionzip, prumerge+")
 
     def run(args: argparse.Namespace) -> int:
         from atp_repro import paths

@@ -11,10 +11,11 @@ strategy       paper row (supplementary Table 3)      attention kernels
 ``atp_fast``   (ours, not in the paper)               fast kernel everywhere; scores from q/k
 =============  =====================================  ==========================================
 
-``baselines`` adds training-free methods that prune inside the language model
-(:mod:`atp_repro.baselines`: FastV, PyramidDrop, SparseVLM and the controls) at the same average
-token count, each as a strategy ``baseline_<method>``: fast kernel everywhere, scores from q/k at its
-own pruning layers.
+``baselines`` adds training-free methods (:mod:`atp_repro.baselines`) at the same average token
+count, each as a strategy ``baseline_<method>``: those that prune inside the language model (FastV,
+PyramidDrop, SparseVLM and the controls) with the fast kernel everywhere and scores from q/k at their
+own pruning layers; VisionZip and PruMerge+ shorten the prompt before the language model (their
+selection and merging run inside the timed prefill, after the vision tower).
 
 "Fast kernel" is ``flash_attention_2`` on a GPU with flash-attn installed, else ``sdpa`` (on CPU
 the stand-ins for "no flash" / "flash" are eager / SDPA). All strategies share the same weights:
@@ -35,7 +36,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from atp_repro.atp import ATPConfig, apply_atp, token_counts
+from atp_repro.atp import ATPConfig, apply_atp
+from atp_repro.baselines import baseline_token_counts
 
 from .flops import ModelShapes, prefill_flops
 from .kv_cache import analytic_kv_bytes, cache_of, measure_kv_cache
@@ -184,16 +186,19 @@ class BenchConfig:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             _fail("threads", self.threads, "None or an int >= 1")
         if self.baselines:
-            from atp_repro.baselines import IN_LLM_METHODS, stage_counts
+            from atp_repro.baselines import METHODS, VISION_SIDE_METHODS, stage_counts
 
-            bad = [b for b in self.baselines if b not in IN_LLM_METHODS]
+            bad = [b for b in self.baselines if b not in METHODS]
             if bad or len(set(self.baselines)) != len(self.baselines):
-                _fail("baselines", self.baselines, f"distinct names from {list(IN_LLM_METHODS)} (methods that prune "
-                      "inside the language model; VisionZip and PruMerge+ change the prompt length and are not "
-                      "timed yet)")
+                _fail("baselines", self.baselines, f"distinct names from {list(METHODS)}")
             if self.average_tokens is None:
                 _fail("average_tokens", None, "a target average when baselines are timed")
             for b in self.baselines:
+                if b in VISION_SIDE_METHODS:
+                    if not 2 <= self.average_tokens <= self.model.num_vision:
+                        _fail("average_tokens", self.average_tokens, f"{b}: a budget in [2, {self.model.num_vision}] "
+                              "vision tokens")
+                    continue
                 try:
                     stage_counts(b, self.average_tokens, self.model.num_layers, self.model.num_vision)
                 except ValueError as err:
@@ -262,12 +267,29 @@ def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _baseline_plans(config: BenchConfig, base_model: torch.nn.Module, fast_impl: str) -> list[dict]:
-    """One plan per baseline: a shared-weight copy pruned by the method at the config's average."""
-    from atp_repro.baselines import apply_baseline, module_layers_of, stage_counts
+def _baseline_plans(config: BenchConfig, base_model: torch.nn.Module, fast_impl: str,
+                    inputs: dict[str, torch.Tensor]) -> list[dict]:
+    """One plan per baseline: a shared-weight copy pruned by the method at the config's average.
+
+    In-LLM methods prune at their own decoder layers (scores from q/k, fast kernel everywhere);
+    vision-side methods (VisionZip, PruMerge+) shorten the prompt before the language model, so
+    every layer sees their count (PruMerge+'s stride is set on the timed image itself).
+    """
+    from atp_repro.baselines import VISION_SIDE_METHODS, apply_baseline, module_layers_of, stage_counts
 
     cfg, plans = config.model, []
     for method in config.baselines:
+        if method in VISION_SIDE_METHODS:
+            model = apply_baseline(_shared_copy(base_model), method, config.average_tokens,
+                                   calibration=inputs["pixel_values"]).eval()
+            run_prefill(model, inputs)
+            count = int(baseline_token_counts(model)[0, 0])
+            strategy = Strategy(f"baseline_{method}", f"{method} (training-free, before the LLM)", atp=False,
+                                fast_attention=True, scoring=None, in_paper=False)
+            plans.append({"strategy": strategy, "model": model, "impl": fast_impl, "keep": (count,),
+                          "counts": [count] * cfg.num_layers, "reduced": True,
+                          "backends": compact_backends([fast_impl] * cfg.num_layers)})
+            continue
         starts, counts = stage_counts(method, config.average_tokens, cfg.num_layers, cfg.num_vision)
         modules = module_layers_of(starts)
         model = apply_baseline(_shared_copy(base_model), method, config.average_tokens,
@@ -299,7 +321,7 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
     inputs = timing_inputs(cfg, dtype=dtype, device=device)
     keep = config.resolved_fixed_keep
     models: dict[str | None, torch.nn.Module] = {None: base_model}
-    baseline_plans = _baseline_plans(config, base_model, fast_impl)
+    baseline_plans = _baseline_plans(config, base_model, fast_impl, inputs)
     for strategy in (STRATEGIES[s] for s in config.strategies):
         if strategy.atp and strategy.scoring not in models:
             atp_cfg = ATPConfig(module_layers=cfg.module_layers, fixed_keep=keep, scoring_backend=strategy.scoring)
@@ -325,7 +347,10 @@ def run_benchmark(config: BenchConfig, *, base_model: torch.nn.Module | None = N
             output = run_prefill(plan["model"], inputs)
         measured = measure_kv_cache(cache_of(output), cfg.prefix_tokens, cfg.prompt_tokens)
         del output
-        avg = float(token_counts(plan["model"]).float().mean()) if plan["strategy"].atp else float(cfg.num_vision)
+        if plan["strategy"].atp or plan.get("reduced"):
+            avg = float(baseline_token_counts(plan["model"]).float().mean())
+        else:
+            avg = float(cfg.num_vision)
         checks[plan["strategy"].name] = {"measured_avg_tokens": avg, "kv": measured, "peak": peak[0]}
 
     for _ in range(config.warmup):

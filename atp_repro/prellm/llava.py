@@ -206,10 +206,13 @@ def _post_forward(model: nn.Module, args, kwargs, output):
     if reducer._expand is None or getattr(output, "logits", None) is None:
         return output
     valid, new_pos, rows = reducer._expand
+    reducer._expand = None
+    if output.logits.shape[1] <= int(new_pos[valid].max()):
+        # logits_to_keep: only the last positions, text after the image, the same in both layouts
+        return output
     logits = output.logits.new_zeros(*valid.shape, output.logits.shape[-1])
     logits[valid] = output.logits[rows[valid], new_pos[valid]]
     output.logits = logits
-    reducer._expand = None
     return output
 
 
