@@ -23,6 +23,7 @@ from atp_repro.efficiency.strategies import BenchConfig, BenchConfigError
         (["--generate", "8", "--batch-sizes", "0"], "--batch-sizes"),
         (["--generate", "8", "--baseline", "fastv"], "--generate"),
         (["--tiles", "0"], "--tiles"),
+        (["--batch-sizes", "2"], "--batch-sizes"),
         (["--tiles", "5", "--average-tokens", "100"], "--average-tokens"),
     ],
 )

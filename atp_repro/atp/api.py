@@ -90,7 +90,9 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     lm.__class__ = atp_language_model_class(type(lm))
     # transformers keys its output-capture registry by class: register the new class.
     _CAN_RECORD_REGISTRY[lm] = lm._can_record_outputs
-    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id), tile_side=side)
+    # tiles only when the config says so: a square span of any size is read as one grid, as before
+    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id),
+                         tile_side=side if num_vision > side * side else None)
     lm._atp_runtime = runtime
     # save_pretrained writes the stock checkpoint (a stock from_pretrained loads it without unexpected
     # keys); the ATP modules live in their own files beside it (save_atp / save_atp_pretrained).

@@ -16,6 +16,7 @@ The returned hidden states keep the input's length: pruned positions are filled 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -86,7 +87,7 @@ class ATPRuntime:
     pending_image_mask: torch.Tensor | None = None
     pending_answer_mask: torch.Tensor | None = None
     prompt_length: int | None = None
-    tile_side: int | None = None  # the vision tower's grid side: spans of several G x G tiles (see vision_grid)
+    tile_side: int | None = None  # set when the config's image spans are several G x G tiles (see vision_grid)
     record: ATPRecord | None = None
     cache_states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -94,7 +95,7 @@ class ATPRuntime:
         """Deep copies and pickles of a model start without the original's last pass: the record holds
         graph tensors (which cannot be copied) and belongs to the original; pending inputs and cache
         states too."""
-        return ATPRuntime, (self.config, self.image_token_id, None, None, None, self.tile_side)
+        return functools.partial(ATPRuntime, tile_side=self.tile_side), (self.config, self.image_token_id)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--generate", type=int, default=None, metavar="N",
                         help="time generation instead of prefill: N new tokens with the KV cache (TTFT, decode "
                              "tokens/s, KV bytes, peak memory) for the upper bound, ATP and a text-only floor")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B",
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes for --generate (default 1 8)")
     parser.add_argument("--baseline", nargs="+", default=(), metavar="METHOD",
                         help="also time training-free baselines at --average-tokens: fastv, pyramiddrop, sparsevlm, "
@@ -67,6 +67,8 @@ def _bench(parser: argparse.ArgumentParser) -> Handler:
             raise ValueError(f"argument --module-layers: {err}") from None
         if args.generate is not None:
             return _generation(args, model, output)
+        if args.batch_sizes is not None:
+            raise ValueError("argument --batch-sizes: applies to --generate only (prefill is timed at batch 1)")
         try:
             config = BenchConfig(model=model, average_tokens=args.average_tokens,
                                  fixed_keep=tuple(args.fixed_keep) if args.fixed_keep else None,
@@ -99,7 +101,7 @@ def _generation(args: argparse.Namespace, model, output) -> int:
                          "--strategies and --fixed-keep apply to prefill timing only")
     try:
         config = GenerationConfig(model=model, average_tokens=args.average_tokens, new_tokens=args.generate,
-                                  batch_sizes=tuple(args.batch_sizes), dtype=args.dtype, device=args.device,
+                                  batch_sizes=tuple(args.batch_sizes or (1, 8)), dtype=args.dtype, device=args.device,
                                   fast_backend=args.fast_backend, warmup=args.warmup, repeats=args.repeats,
                                   threads=args.threads)
     except GenerationConfigError as err:

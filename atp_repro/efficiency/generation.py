@@ -238,7 +238,9 @@ def analytic_cache(shapes: ModelShapes, text_per_sample: torch.Tensor, vision: t
 
     ``text_per_sample`` (B,) valid text tokens; ``vision`` (B, num_layers) vision tokens each sample
     had at each layer (None: text only); ``generated`` new tokens cached after the prompt. A layer's
-    cache holds the longest sample's positions (the others are padded to it).
+    cache holds the longest sample's positions (the others are padded to it). This is the layout of
+    this benchmark's inputs, whose sample 0 has no padding: before the first module the cache holds the
+    whole padded prompt, which equals the longest sample only then.
     """
     batch = text_per_sample.shape[0]
     per_sample = (text_per_sample[:, None] + (vision if vision is not None else 0)).expand(batch, shapes.num_layers)
@@ -247,10 +249,12 @@ def analytic_cache(shapes: ModelShapes, text_per_sample: torch.Tensor, vision: t
     return lengths, batch * sum(lengths) * 2 * shapes.kv_heads * shapes.head_dim * element
 
 
-def _step_flops(shapes: ModelShapes, lengths: tuple[int, ...], batch: int) -> int:
-    """FLOPs of one decode step: one new query per sample against each layer's cache, plus the LM head."""
-    per_layer = sum(sum(decoder_layer_flops(1, c, shapes).values()) for c in lengths)
-    return batch * (per_layer + 2 * shapes.hidden * shapes.vocab_size)
+def _step_flops(shapes: ModelShapes, prefill_lengths: tuple[int, ...], batch: int, steps: int) -> float:
+    """Mean FLOPs of a decode step: decode step k (1..steps) sends one new query per sample against each
+    layer's cache of ``prefill + k`` positions (itself included), plus the LM head."""
+    total = sum(sum(sum(decoder_layer_flops(1, c + k, shapes).values()) for c in prefill_lengths)
+                for k in range(1, steps + 1))
+    return batch * (total / steps + 2 * shapes.hidden * shapes.vocab_size)
 
 
 @dataclass
@@ -310,7 +314,7 @@ def _check(plan: dict, config: GenerationConfig, shapes: ModelShapes, dtype: tor
             "kv_equal": lengths == a_lengths and kv_bytes == a_bytes, "vision_per_sample": per_sample,
             "avg_vision_tokens": None if per_sample is None else statistics.fmean(per_sample),
             "cached_positions": sum(lengths) - shapes.num_layers * (n - 1),  # after prefill, summed over layers
-            "step_flops": _step_flops(shapes, tuple(x - (n - 1) for x in lengths), text.shape[0]),
+            "step_flops": _step_flops(shapes, tuple(x - (n - 1) for x in lengths), text.shape[0], n - 1),
             "peak_prefill_bytes": prefill_peak[0].peak_bytes, "peak_generate_bytes": generate_peak[0].peak_bytes,
             "memory_kind": generate_peak[0].kind}
 
@@ -350,7 +354,7 @@ def run_generation_benchmark(config: GenerationConfig, *, run_id: str = "", prog
             if progress:
                 print(f"round {r} batch {batch} {plan['strategy']}: ttft {ttft * 1e3:.0f} ms, decode "
                       f"{decode * 1e3:.0f} ms", flush=True)
-    runs = contention(pd.DataFrame(rows), by="strategy")
+    runs = contention(pd.DataFrame(rows), by=["batch", "strategy"])
     summary = _summary(runs, plans, checks)
     metrics = generation_metrics(runs, summary)
     facts = {**facts, "fast_backend": fast_impl, "model_config": cfg.to_dict(), "rounds": config.repeats,

@@ -11,8 +11,10 @@ timed call is wrapped in :func:`measure`, which records beside the wall-clock:
 
 :func:`contention` turns those rows into a verdict: a round is *contended* when its CPU/wall ratio
 is below ``0.6 x`` the median of the same strategy's rounds (something took cores away during that
-round), and the run is *busy* when the load average at its start exceeded the core count by more
-than ``0.5`` (other processes were runnable before the run began). Both thresholds are choices.
+round), and a call is *busy at start* when the 1-minute load average exceeded the core count by more
+than ``0.5``. The load includes the benchmark's own threads (about one per core on a quiet machine),
+so a whole run slowed evenly by a competing process, which the relative test cannot see, shows up
+here. Both thresholds are choices.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after a reset; on Linux CPUs the process's
 peak resident set (``VmHWM``), reset before the call by writing ``5`` to ``/proc/self/clear_refs``;
@@ -89,7 +91,7 @@ def measure(device: torch.device | str = "cpu") -> Iterator[Sample]:
         sample.cpu_seconds = time.process_time() - cpu0
 
 
-def contention(runs: pd.DataFrame, *, by: str = "strategy", cores: int | None = None) -> pd.DataFrame:
+def contention(runs: pd.DataFrame, *, by: str | list[str] = "strategy", cores: int | None = None) -> pd.DataFrame:
     """Add ``contended`` (per row) to timing rows with ``cpu_per_wall`` and ``load1`` columns.
 
     A row is contended when its CPU/wall ratio is below ``CONTENDED_FRACTION`` of the median of the

@@ -78,7 +78,7 @@ def run_scaling(configs: Sequence[BenchConfig], *, run_id: str = "", progress: b
             print(f"{config.model.num_vision} vision tokens: "
                   + ", ".join(f"{s} {1e3 * runs[runs.strategy == s].seconds.median():.0f} ms" for s in STRATEGIES),
                   flush=True)
-    return contention(pd.concat(frames, ignore_index=True), by="strategy")
+    return contention(pd.concat(frames, ignore_index=True), by=["vision_tokens", "strategy"])
 
 
 def _mib(value) -> float | None:

@@ -208,7 +208,12 @@ def _post_forward(model: nn.Module, args, kwargs, output):
     valid, new_pos, rows = reducer._expand
     reducer._expand = None
     if output.logits.shape[1] <= int(new_pos[valid].max()):
-        # logits_to_keep: only the last positions, text after the image, the same in both layouts
+        # logits_to_keep: the last k positions, which are the same in both layouts when they are text
+        k = kwargs.get("logits_to_keep", 0)
+        ids = kwargs.get("input_ids")
+        if not isinstance(k, int) or (ids is not None and bool((ids[:, -k:] == model.config.image_token_id).any())):
+            raise ValueError(f"logits_to_keep={k!r}: with vision-side token reduction pass an int no larger than "
+                             "the text tokens after the image")
         return output
     logits = output.logits.new_zeros(*valid.shape, output.logits.shape[-1])
     logits[valid] = output.logits[rows[valid], new_pos[valid]]
