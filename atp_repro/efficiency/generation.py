@@ -61,7 +61,7 @@ from .models import (
     timing_inputs,
     timing_model_config,
 )
-from .strategies import DTYPES, _shared_copy, resolve_dtype, resolve_fast_backend
+from .strategies import DTYPES, BenchConfigError, _shared_copy, resolve_dtype, resolve_fast_backend
 from .timing import environment_facts, summarize
 
 __all__ = ["GenerationConfig", "GenerationConfigError", "GenerationResult", "GEN_STRATEGIES", "generation_inputs",
@@ -72,12 +72,8 @@ TARGET_RANGE = (0.8, 1.25)  # measured / predicted decode saving
 PAD_STEP = 2  # sample b of a batch has a prompt 2 * b tokens shorter (left padding)
 
 
-class GenerationConfigError(ValueError):
+class GenerationConfigError(BenchConfigError):
     """A generation-benchmark setting is invalid; ``field`` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
