@@ -304,6 +304,46 @@ class ATPSection:
 
 
 @dataclass(frozen=True)
+class DataSection:
+    """LLaVA-format training data of a real-scale run (atp_repro.real.data)."""
+
+    train_json: str = _field("JSON list of LLaVA-format samples ('conversations', optional 'image'; LLaVA-665k)")
+    image_folder: str | None = _field("folder the samples' image paths are relative to", default=None)
+    max_length: int = _field("longest sample in tokens, image tokens included (LLaVA-1.5: 2048)", ge=1,
+                             default=2048)
+    on_invalid: Literal["fail", "skip"] = _field(
+        "a malformed conversation, missing image or over-long sample: 'fail' names it, 'skip' counts it",
+        default="fail",
+    )
+    image_aspect_ratio: Literal["pad", "crop"] = _field(
+        "'pad' to a square as LLaVA-1.5 trains, or the processor's resize and centre crop", default="pad"
+    )
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Where a real-scale run writes, and how often (HF Trainer arguments)."""
+
+    output_dir: str = _field("folder of the checkpoints and the final model", default="runs/llava15-7b-atp")
+    save_steps: int = _field("write a resumable checkpoint every this many optimizer steps", ge=1, default=500)
+    save_total_limit: int | None = _field("keep at most this many checkpoints (null: all)", ge=1, default=2)
+    logging_steps: int = _field("log the losses and token counts every this many steps", ge=1, default=10)
+    max_steps: int | None = _field("stop after this many optimizer steps (null: training.epochs)", ge=1,
+                                   default=None)
+    dataloader_num_workers: int = _field("data-loading worker processes per device", ge=0, default=4)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _field(
+        "attention kernel of the language model (ATP scores with it; flash_attention_2 needs the gpu extra)",
+        default="sdpa",
+    )
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+
+@dataclass(frozen=True)
 class Override:
     """One value a derived config changes relative to the config it inherits from."""
 
@@ -323,6 +363,8 @@ class TrainingConfig:
     model: ModelSection = _field("model section")
     training: OptimSection = _field("optimisation section")
     atp: ATPSection = _field("ATP section")
+    data: DataSection | None = _field("LLaVA-format training data (real scale only)", default=None)
+    run: RunSection | None = _field("outputs of a real-scale run (real scale only)", default=None)
     inherits: str | None = _field("config this one derives from (path)", default=None)
     overrides: tuple[Override, ...] = field(default=(), metadata={"help": "changes w.r.t. base"})
 
@@ -370,8 +412,11 @@ class TrainingConfig:
             "name": self.name,
             "scale": self.scale,
             "description": self.description,
-            **{s: _plain(dataclasses.asdict(getattr(self, s))) for s in _SECTIONS},
+            **{s: _plain(dataclasses.asdict(getattr(self, s))) for s in self._present_sections()},
         }
+
+    def _present_sections(self) -> tuple[str, ...]:
+        return _SECTIONS + tuple(s for s in _OPTIONAL_SECTIONS if getattr(self, s) is not None)
 
     def fingerprint(self) -> str:
         """SHA-256 of the resolved values: a stable cache key for artifacts trained with it."""
@@ -389,7 +434,7 @@ class TrainingConfig:
     def describe(self) -> list[dict[str, Any]]:
         """One record per leaf field: key, value, allowed range/values and help text."""
         rows = []
-        for key in _leaf_keys(TrainingConfig):
+        for key in _leaf_keys(TrainingConfig, self._present_sections()):
             section, name = key.split(".")
             cls = type(getattr(self, section))
             f = next(f for f in dataclasses.fields(cls) if f.name == name)
@@ -421,10 +466,14 @@ class TrainingConfig:
 
 
 _SECTIONS = ("model", "training", "atp")
+# Sections a config may leave out (absent ones are not part of to_dict or the fingerprint).
+_OPTIONAL_SECTIONS = ("data", "run")
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelSection,
     "training": OptimSection,
     "atp": ATPSection,
+    "data": DataSection,
+    "run": RunSection,
 }
 
 
@@ -447,8 +496,8 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _leaf_keys(cls: type[TrainingConfig]) -> list[str]:
-    return [f"{s}.{n}" for s in _SECTIONS for n in _field_names(_SECTION_TYPES[s])]
+def _leaf_keys(cls: type[TrainingConfig], sections: tuple[str, ...] = _SECTIONS + _OPTIONAL_SECTIONS) -> list[str]:
+    return [f"{s}.{n}" for s in sections for n in _field_names(_SECTION_TYPES[s])]
 
 
 def _unknown_key_message(key: str, allowed: list[str]) -> str:
@@ -515,14 +564,14 @@ def parse_training_config(
     if not isinstance(data, Mapping):
         raise ConfigError("<top level>", f"expected a mapping, got {type(data).__name__}")
     if base is None:
-        allowed = list(_TOP_KEYS)
+        allowed = [*_TOP_KEYS, *_OPTIONAL_SECTIONS]
         for key in data:
             if key not in allowed:
                 raise ConfigError(str(key), _unknown_key_message(str(key), allowed))
         for key in _TOP_KEYS:
             if key not in data:
                 raise ConfigError(key, "missing required key")
-        sections = {s: _build_section(s, data[s]) for s in _SECTIONS}
+        sections = {s: _build_section(s, data[s]) for s in (*_SECTIONS, *_OPTIONAL_SECTIONS) if s in data}
         return TrainingConfig(
             name=data["name"], scale=data["scale"], description=data["description"], **sections
         )
@@ -536,7 +585,7 @@ def parse_training_config(
     raw_overrides = data.get("overrides") or {}
     if not isinstance(raw_overrides, Mapping):
         raise ConfigError("overrides", "expected a mapping 'dotted.key: {value: ..., reason: ...}'")
-    sections = {s: dataclasses.asdict(getattr(base, s)) for s in _SECTIONS}
+    sections = {s: dataclasses.asdict(getattr(base, s)) for s in base._present_sections()}
     leaf_keys = _leaf_keys(TrainingConfig)
     overrides = []
     for key, spec in raw_overrides.items():
@@ -552,14 +601,14 @@ def parse_training_config(
         section, name = key.split(".")
         hint = typing.get_type_hints(_SECTION_TYPES[section])[name]
         new = _coerce(spec["value"], hint)
-        old = base.get(key)
+        old = base.get(key) if getattr(base, section) is not None else None
         if new == old and type(new) is type(old):
             raise ConfigError(
                 f"overrides.{key}", f"value {new!r} equals the inherited value; remove the entry"
             )
-        sections[section][name] = new
+        sections.setdefault(section, {})[name] = new
         overrides.append(Override(key=key, base_value=old, value=new, reason=reason.strip()))
-    built = {s: _build_section(s, sections[s]) for s in _SECTIONS}
+    built = {s: _build_section(s, sections[s]) for s in sections}
     for key in ("name", "scale", "description"):
         if key not in data:
             raise ConfigError(key, "missing required key")

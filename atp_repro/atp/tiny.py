@@ -78,3 +78,30 @@ def single_inputs(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Ten
     return {"input_ids": batch["input_ids"][i : i + 1, keep],
             "attention_mask": batch["attention_mask"][i : i + 1, keep],
             "pixel_values": batch["pixel_values"][i : i + 1]}
+
+
+TINY_WORDS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:")
+
+
+def tiny_processor(model: LlavaForConditionalGeneration, words: tuple[str, ...] = ()):
+    """An offline ``LlavaProcessor`` for :func:`tiny_llava`: a whitespace word-level tokenizer whose
+    vocabulary is the special tokens, ``USER:``/``ASSISTANT:``, ``words``, then fillers up to the
+    model's vocabulary size (``<image>`` keeps id 4), and a CLIP image processor at the model's size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab_size = model.config.text_config.vocab_size
+    vocab = list(dict.fromkeys((*TINY_WORDS, *words)))
+    if len(vocab) > vocab_size:
+        raise ValueError(f"words: {len(vocab)} distinct tokens do not fit the model's vocabulary of {vocab_size}")
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    size = model.config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          patch_size=model.config.vision_config.patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token="<image>")

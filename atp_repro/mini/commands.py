@@ -80,11 +80,26 @@ def _load(args: argparse.Namespace):
     return setup.finetune(variant, progress=not args.no_progress), setup.world
 
 
-@subcommand("train", help="train a mini-world model (upper bound or ATP fine-tune), cached and resumable")
+@subcommand("train", help="train a mini-world model, or a real-scale ATP-LLaVA from a config with scale: real")
 def _train(parser: argparse.ArgumentParser):
     _common(parser)
+    real = parser.add_argument_group("real scale (a --config with scale: real; HF Trainer, DeepSpeed under a launcher)")
+    real.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                      help="continue from a checkpoint folder, or 'last' for the newest in the output folder")
+    real.add_argument("--output-dir", default=None, help="override run.output_dir")
+    real.add_argument("--max-steps", type=int, default=None, help="override run.max_steps (optimizer steps)")
+    real.add_argument("--stop-after-steps", type=int, default=None,
+                      help="stop after this many steps, leaving a checkpoint, as a killed job would (resume tests)")
 
     def run(args: argparse.Namespace) -> int:
+        if args.config is not None:
+            from atp_repro.real.commands import is_real_config, run_real_training
+
+            if is_real_config(args.config):
+                return run_real_training(args)
+        for option in ("resume", "output_dir", "max_steps", "stop_after_steps"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option.replace('_', '-')} applies to a real-scale --config (scale: real) only")
         (_, _, info), _ = _load(args)
         print(json.dumps({"artifact": str(info.folder), "status": info.status,
                           "wall_time_s": round(info.wall_time_s, 1),

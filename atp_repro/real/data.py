@@ -1,0 +1,312 @@
+"""LLaVA instruction data (the LLaVA-665k format) as a torch Dataset and a padding collator.
+
+The file is a JSON list of samples::
+
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",       # optional: text-only
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+Image paths are relative to an image folder. A sample becomes token ids with the conversation
+template of LLaVA-1.5: the processor's chat template when it has one, else LLaVA-1.5's own
+("vicuna_v1": a system sentence, ``USER: ... ASSISTANT: ...</s>``). Labels are -100 everywhere but on
+the assistant turns (their text and end-of-sequence token), as in LLaVA; the collator passes the
+same positions to ATP as ``atp_answer_mask`` (answers are not queries of the cross-modality score).
+
+Every sample is checked when the dataset is built (conversation shape, one ``<image>`` per sample
+with an image, the image file, the token count against ``max_length``): with ``on_invalid="fail"``
+the first problem raises :class:`LlavaDataError` naming the file, the sample index and id; with
+``"skip"`` the sample is left out and counted in ``dataset.skipped``. One image per sample is
+supported (LLaVA-1.5's data has at most one); text-only samples are, in mixed batches too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ON_INVALID = ("fail", "skip")
+ASPECT_RATIOS = ("pad", "crop")
+ROLES = {"human": "user", "gpt": "assistant"}
+IGNORE_INDEX = -100
+# LLaVA-1.5's system sentence (conversation template "vicuna_v1"), used when the processor has no chat template
+LLAVA15_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+class LlavaDataError(ValueError):
+    """A sample that cannot be used; the message names the file, the sample index and its id."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trained: bool  # an assistant turn (labels kept)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def conversation_messages(sample: dict, image_token: str = "<image>") -> list[dict]:
+    """The sample's turns as chat messages (``role``, ``content`` list); raises ValueError if malformed.
+
+    As LLaVA does, the image marker is moved to the start of the turn that holds it."""
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'conversations' must be a non-empty list of {'from', 'value'} turns")
+    has_image = sample.get("image") is not None
+    markers = 0
+    messages = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {t} must be {{'from': 'human' | 'gpt', 'value': str}}, got {turn!r:.120}")
+        role = ROLES[turn["from"]]
+        expected = "user" if t % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {t} is from {turn['from']!r}: turns must alternate human, gpt, human, ... "
+                             "starting with human")
+        text = turn["value"]
+        count = text.count(image_token)
+        if count and role == "assistant":
+            raise ValueError(f"turn {t} (gpt) contains {image_token}")
+        markers += count
+        content = [{"type": "image"}] if count else []
+        content.append({"type": "text", "text": text.replace(image_token, "").strip() if count else text})
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last turn must be from gpt (an answer to train on)")
+    if has_image and markers != 1:
+        raise ValueError(f"a sample with an image needs exactly one {image_token} in its turns, found {markers} "
+                         "(one image per sample is supported)")
+    if not has_image and markers:
+        raise ValueError(f"{image_token} in a sample without 'image'")
+    return messages
+
+
+def _fallback_segments(messages: list[dict], image_token: str, eos: str, system: str | None) -> list[Segment]:
+    """LLaVA-1.5's template: '{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ...'."""
+    segments = []
+    head = f"{system} " if system else ""
+    for message in messages:
+        text = message["content"][-1]["text"]
+        if message["role"] == "user":
+            image = f"{image_token}\n" if message["content"][0]["type"] == "image" else ""
+            segments.append(Segment(f"{head}USER: {image}{text} ASSISTANT:", False))
+            head = ""
+        else:
+            segments.append(Segment(f" {text}{eos}", True))
+    return segments
+
+
+def _template_segments(processor, messages: list[dict], eos: str) -> list[Segment]:
+    """Segments from the processor's chat template, by rendering growing prefixes of the conversation."""
+    def render(part: list[dict], generation_prompt: bool) -> str:
+        return processor.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments, done = [], ""
+    for k, message in enumerate(messages):
+        upto = render(messages[: k + 1], message["role"] == "user")  # a user turn ends with the assistant prompt
+        if not upto.startswith(done):
+            raise ValueError("the processor's chat template does not render a conversation as a growing prefix; "
+                             "remove its chat_template to use LLaVA-1.5's template")
+        text = upto[len(done):]
+        if message["role"] == "assistant" and not text.rstrip().endswith(eos):
+            text += eos  # LLaVA trains the end of each answer
+        segments.append(Segment(text, message["role"] == "assistant"))
+        done = upto  # the rendered text so far (an added end-of-answer token is not part of it)
+    return segments
+
+
+def expand_to_square(image, background: tuple[int, int, int]):
+    """LLaVA-1.5's ``pad`` aspect ratio: the image centred on a square of the processor's mean colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class LlavaInstructDataset(torch.utils.data.Dataset):
+    """LLaVA-format samples as ``input_ids``, ``labels`` and ``pixel_values`` (None for text-only).
+
+    Args:
+        json_path: the JSON list of samples.
+        image_folder: the folder image paths are relative to.
+        processor: the model's processor (tokenizer, image processor, optional chat template).
+        num_image_tokens: vision tokens one image takes in the sequence (``config.image_seq_length``).
+        max_length: the longest sample in tokens (image tokens included).
+        on_invalid: ``"fail"`` (raise on the first bad sample) or ``"skip"`` (leave it out, counted).
+        image_aspect_ratio: ``"pad"`` (LLaVA-1.5 training: pad to a square) or ``"crop"`` (the processor's).
+        system: the system sentence of the fallback template (LLaVA-1.5's by default; None: none).
+    """
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor, num_image_tokens: int,
+                 *, max_length: int = 2048, on_invalid: str = "fail", image_aspect_ratio: str = "pad",
+                 system: str | None = LLAVA15_SYSTEM) -> None:
+        _check_choice("on_invalid", on_invalid, ON_INVALID)
+        _check_choice("image_aspect_ratio", image_aspect_ratio, ASPECT_RATIOS)
+        if num_image_tokens < 1 or max_length < 1:
+            raise ValueError(f"num_image_tokens and max_length must be >= 1, got {num_image_tokens}, {max_length}")
+        self.json_path = Path(json_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.system = system
+        try:
+            samples = json.loads(self.json_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LlavaDataError(f"{self.json_path}: no such file (data.train_json)") from None
+        except json.JSONDecodeError as err:
+            raise LlavaDataError(f"{self.json_path}: not valid JSON ({err})") from None
+        if not isinstance(samples, list):
+            raise LlavaDataError(f"{self.json_path}: expected a JSON list of samples, got {type(samples).__name__}")
+        self.samples: list[dict] = []
+        self.encoded: list[tuple[list[int], list[int]]] = []
+        self.skipped: Counter[str] = Counter()
+        for index, sample in enumerate(samples):
+            try:
+                self.encoded.append(self._encode(sample))
+                self.samples.append(sample)
+            except ValueError as err:
+                sid = sample.get("id") if isinstance(sample, dict) else None
+                where = f"{self.json_path}: sample {index}" + (f" (id {sid})" if sid is not None else "")
+                if on_invalid == "fail":
+                    raise LlavaDataError(f"{where}: {err} (data.on_invalid: 'skip' leaves such samples out)") from None
+                self.skipped[str(err).split(":")[0]] += 1
+        if self.skipped:
+            logger.warning("%s: skipped %d of %d samples: %s", self.json_path, sum(self.skipped.values()),
+                           len(samples), dict(self.skipped))
+        if not self.samples:
+            raise LlavaDataError(f"{self.json_path}: no usable sample (skipped: {dict(self.skipped)})")
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _segments(self, messages: list[dict]) -> list[Segment]:
+        eos = self.tokenizer.eos_token or ""
+        if getattr(self.processor, "chat_template", None):
+            return _template_segments(self.processor, messages, eos)
+        return _fallback_segments(messages, self.image_token, eos, self.system)
+
+    def _tokens(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, part in enumerate(text.split(self.image_token)):
+            if i:
+                ids += [self.image_token_id] * self.num_image_tokens
+            if part:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _encode(self, sample) -> tuple[list[int], list[int]]:
+        if not isinstance(sample, dict):
+            raise ValueError(f"malformed sample: expected a mapping, got {type(sample).__name__}")
+        try:
+            messages = conversation_messages(sample, self.image_token)
+        except ValueError as err:
+            raise ValueError(f"malformed conversation: {err}") from None
+        if sample.get("image") is not None:
+            if self.image_folder is None:
+                raise ValueError(f"missing image: {sample['image']} (no data.image_folder given)")
+            path = self.image_folder / str(sample["image"])
+            if not path.is_file():
+                raise ValueError(f"missing image: {path}")
+        bos = self.tokenizer.bos_token_id
+        input_ids = [bos] if bos is not None else []
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for segment in self._segments(messages):
+            ids = self._tokens(segment.text)
+            input_ids += ids
+            labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
+        if len(input_ids) > self.max_length:
+            raise ValueError(f"over the maximum length: {len(input_ids)} tokens > data.max_length={self.max_length}")
+        return input_ids, labels
+
+    # -- Dataset ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _pixel_values(self, relative: str) -> torch.Tensor:
+        from PIL import Image
+
+        image_processor = self.processor.image_processor
+        with Image.open(self.image_folder / relative) as raw:
+            image = raw.convert("RGB")
+        if self.image_aspect_ratio == "pad":
+            mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+            image = expand_to_square(image, tuple(int(255 * m) for m in mean))
+        return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def padding_image_sample(self) -> dict:
+        """A sample made of an image span alone (a mean-colour image, no label): see :class:`LlavaCollator`."""
+        size = self.processor.image_processor.crop_size or self.processor.image_processor.size
+        height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        bos = self.tokenizer.bos_token_id
+        input_ids = ([bos] if bos is not None else []) + [self.image_token_id] * self.num_image_tokens
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.full((len(input_ids),), IGNORE_INDEX),
+                "pixel_values": torch.zeros(3, height, width)}
+
+    def __getitem__(self, index: int) -> dict:
+        input_ids, labels = self.encoded[index]
+        image = self.samples[index].get("image")
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "pixel_values": None if image is None else self._pixel_values(str(image))}
+
+
+@dataclass
+class LlavaCollator:
+    """Right-pads a list of samples into a batch.
+
+    ``pixel_values`` stacks the images of the samples that have one (in order, as LLaVA matches
+    them to the image spans). With ``answer_mask`` the batch carries ``atp_answer_mask`` (True at
+    assistant tokens) for an ATP model.
+
+    A batch without any image gets ``padding_sample`` (if given) appended: an image span with no
+    label (LLaVA-1.5 feeds text-only samples a blank image for the same reason). Every process then
+    runs the vision tower and the ATP modules in the same order, which DeepSpeed ZeRO-3 needs (its
+    parameter gathers are collectives); the LM loss is unchanged (the row has no label) and the
+    batch says ``atp_padding_image`` so that the trainer zeroes the row's budget loss.
+    """
+
+    pad_token_id: int
+    answer_mask: bool = True
+    padding_sample: dict | None = None
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        padded = self.padding_sample is not None and all(s["pixel_values"] is None for s in samples)
+        if padded:
+            samples = [*samples, self.padding_sample]
+        length = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for i, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[i, :n] = sample["input_ids"]
+            labels[i, :n] = sample["labels"]
+            attention_mask[i, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        if self.answer_mask:
+            batch["atp_answer_mask"] = labels != IGNORE_INDEX
+        if self.padding_sample is not None:
+            batch["atp_padding_image"] = padded
+        return batch
