@@ -801,19 +801,12 @@ def load_local_llava(pretrained: str | Path, *, atp: str | Path | None = None, d
     in eval mode on ``device``, with ATP applied from ``atp`` (a folder holding ``atp_config.json`` and
     ``atp_modules.pt``; the ``pretrained`` folder itself for a :func:`atp_repro.atp.save_atp_pretrained`
     checkpoint) if given."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from .loading import load_llava
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: expected one of {DTYPES}")
-    folder = Path(pretrained).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"pretrained={pretrained!s}: no config.json there; expected a local Hugging Face "
-                                "LLaVA folder (e.g. a copy of llava-hf/llava-1.5-7b-hf); weights are never downloaded")
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    model, processor = load_llava(pretrained, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                  attn_implementation=attn_implementation or None, what="pretrained")
     model.to(device).eval()
     if atp:
         load_atp(model, Path(atp).expanduser())

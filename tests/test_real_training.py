@@ -1,0 +1,198 @@
+"""The real-scale training path on tiny random models: HF Trainer single-process, and DeepSpeed ZeRO-3
+over two processes (gloo on CPU) launched by torchrun, as a GPU run would be.
+
+The two-process runs are marked ``distributed`` (they are part of ``make test``: about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from atp_repro.atp import has_atp, load_atp_pretrained, token_counts
+from atp_repro.atp.api import ATP_CONFIG_FILE, ATP_WEIGHTS_FILE, _language_model
+from atp_repro.real.train import SUMMARY_FILE, build_trainer
+from atp_repro.real.tiny_world import write_tiny_world
+from atp_repro.training_config import load_training_config
+
+TIMEOUT_S = 600
+
+
+# -- single process: what the optimizer sees --------------------------------------------------------
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """LR multiplier after ``step`` scheduler steps (linear warm-up, then cosine to 0), written out here."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+@pytest.fixture(scope="module")
+def single_world(tmp_path_factory) -> Path:
+    return write_tiny_world(tmp_path_factory.mktemp("single"), world_size=1, zero_stage=0, save_steps=100)
+
+
+def _train_single(config: Path, tmp_path: Path, **overrides):
+    cfg = load_training_config(config)
+    if overrides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **overrides))
+    trainer, resolved = build_trainer(cfg, output_dir=str(tmp_path / "out"))
+    rows: list[int] = []  # real samples per forward (a padding image row is not a sample)
+    original = trainer.compute_loss
+
+    def counting(model, inputs, *args, **kwargs):
+        rows.append(int(inputs["input_ids"].shape[0]) - int(bool(inputs.get("atp_padding_image", False))))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting
+    model = trainer.model
+    parts = {"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector,
+             "lm_layers": _language_model(model).layers, "atp": _language_model(model).atp_modules}
+    before = {name: _weights(part) for name, part in parts.items()}
+    trainer.train()
+    after = {name: _weights(part) for name, part in parts.items()}
+    return cfg, trainer, resolved, rows, {name: _changed(before[name], after[name]) for name in parts}, before, after
+
+
+def test_the_optimizer_sees_the_global_batch_both_learning_rates_and_the_cosine_schedule(single_world, tmp_path):
+    cfg, trainer, resolved, rows, changed, before, after = _train_single(single_world, tmp_path)
+    t = cfg.training
+    # the global batch: per-device x accumulation x processes, and every step consumed that many samples
+    assert resolved["gradient_accumulation_steps"] == t.global_batch_size // t.per_device_batch_size
+    assert resolved["global_batch_size"] == t.global_batch_size == 4
+    steps = trainer.state.global_step
+    accumulation = resolved["gradient_accumulation_steps"]
+    per_step = [sum(rows[i * accumulation:(i + 1) * accumulation]) for i in range(steps)]
+    samples = resolved["samples"]
+    assert per_step[:-1] == [t.global_batch_size] * (steps - 1)  # the last step takes what is left of the epoch
+    assert sum(per_step) == samples == 17 and steps == math.ceil(samples / t.global_batch_size)
+    # two parameter groups with the config's learning rates, AdamW, weight decay from the config
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {"lm", "atp"}
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), torch.optim.AdamW)
+    assert groups["lm"]["initial_lr"] == t.lr_llm and groups["atp"]["initial_lr"] == t.lr_atp
+    assert all(g["weight_decay"] == t.weight_decay for g in groups.values())
+    atp_ids = {id(p) for p in _language_model(trainer.model).atp_modules.parameters()}
+    assert {id(p) for p in groups["atp"]["params"]} == atp_ids
+    assert not atp_ids & {id(p) for p in groups["lm"]["params"]}
+    # the schedule: warm-up of ceil(0.03 x steps), then cosine decay to zero, the same multiplier for both groups
+    warmup = math.ceil(t.warmup_ratio * steps)
+    logged = [e for e in trainer.state.log_history if "lr_lm" in e]
+    assert len(logged) == steps
+    for step, entry in enumerate(logged, start=1):  # logged after the scheduler's step
+        factor = _cosine_with_warmup(step, steps, warmup)
+        assert entry["lr_lm"] == pytest.approx(t.lr_llm * factor, abs=1e-12)
+        assert entry["lr_atp"] == pytest.approx(t.lr_atp * factor, abs=1e-12)
+    # what trains: LM, projector and ATP; the vision tower is frozen (LLaVA-1.5 stage 2)
+    assert not changed["vision"]
+    assert changed["projector"] and changed["lm_layers"]
+    heads = {k for k in changed["atp"] if "_head." in k}
+    assert heads, "the ATP threshold heads did not move"
+    assert {"vision_tokens", "l_atp", "l_target"} <= set(logged[0])
+
+
+def test_frozen_lm_trains_the_atp_modules_alone(single_world, tmp_path):
+    cfg, trainer, _, _, changed, _, _ = _train_single(single_world, tmp_path, freeze_llm=True)
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["atp"]
+    assert not changed["vision"] and not changed["projector"] and not changed["lm_layers"]
+    assert changed["atp"]
+
+
+# -- two processes, DeepSpeed ZeRO-3 -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(config: Path, output_dir: Path, *extra: str) -> dict:
+    """``torchrun --nproc_per_node 2 -m atp_repro train --config ...``; the run's summary file."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "atp_repro", "train", "--config", str(config), "--output-dir",
+               str(output_dir), "--no-progress", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads((output_dir / SUMMARY_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero3")
+    config = write_tiny_world(root, world_size=2, zero_stage=3, save_steps=2)
+    full = _torchrun(config, root / "full")
+    stopped = _torchrun(config, root / "resumed", "--stop-after-steps", "3")
+    resumed = _torchrun(config, root / "resumed", "--resume", "last")
+    return {"root": root, "config": config, "full": full, "stopped": stopped, "resumed": resumed}
+
+
+@pytest.mark.distributed
+def test_zero3_over_two_processes_trains_with_the_config_batch(zero3_runs):
+    full = zero3_runs["full"]
+    assert full["processes"] == 2 and full["zero_stage"] == 3 and full["deepspeed"].endswith("zero3.json")
+    assert full["gradient_accumulation_steps"] == 2 and full["global_batch_size"] == 4
+    assert full["samples"] == 17  # 16 image questions and one text-only sample
+    losses = full["logged_losses"]
+    assert len(losses) == full["global_step"] == full["max_steps"] == 5
+    assert sum(losses[-2:]) / 2 < losses[0], f"the loss did not decrease: {losses}"
+    checkpoint = zero3_runs["root"] / "full" / "checkpoint-4"
+    assert (checkpoint / f"global_step{4}").is_dir()  # DeepSpeed's partitioned model and optimizer states
+    assert (checkpoint / ATP_WEIGHTS_FILE).is_file() and (checkpoint / ATP_CONFIG_FILE).is_file()
+
+
+@pytest.mark.distributed
+def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(zero3_runs):
+    root = zero3_runs["root"]
+    assert zero3_runs["stopped"]["global_step"] == 3 and zero3_runs["stopped"]["final_model"] is None
+    assert zero3_runs["resumed"]["resumed_from"].endswith("checkpoint-3")
+    assert zero3_runs["resumed"]["global_step"] == 5
+    full, resumed = load_file(root / "full" / "model.safetensors"), load_file(root / "resumed" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    full_atp = torch.load(root / "full" / ATP_WEIGHTS_FILE, weights_only=True)
+    resumed_atp = torch.load(root / "resumed" / ATP_WEIGHTS_FILE, weights_only=True)
+    assert full_atp.keys() == resumed_atp.keys()
+    assert all(torch.equal(full_atp[k], resumed_atp[k]) for k in full_atp)
+
+
+@pytest.mark.distributed
+def test_the_saved_model_reloads_with_trained_thresholds_and_generates(zero3_runs):
+    from transformers import AutoProcessor
+
+    folder = zero3_runs["root"] / "full"
+    model = load_atp_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    assert has_atp(model)
+    module = _language_model(model).atp_modules[0]
+    bias = module.threshold_net.redundancy_head.bias
+    initial = math.log(0.01 / 0.99)  # ATPConfig.init_keep_threshold = 0.01 (weights start at zero)
+    assert module.threshold_net.redundancy_head.weight.abs().sum() > 0 or float(bias) != pytest.approx(initial)
+    from PIL import Image
+
+    image = Image.open(zero3_runs["root"] / "images" / "0.png")
+    inputs = processor(images=image, text="USER: <image>\nwhat colour is the image ? ASSISTANT:", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert token_counts(model).shape == (1, 4)
