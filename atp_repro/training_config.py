@@ -585,7 +585,9 @@ def parse_training_config(
     raw_overrides = data.get("overrides") or {}
     if not isinstance(raw_overrides, Mapping):
         raise ConfigError("overrides", "expected a mapping 'dotted.key: {value: ..., reason: ...}'")
-    sections = {s: dataclasses.asdict(getattr(base, s)) for s in base._present_sections()}
+    # data and outputs of a real-scale run are inherited by real-scale configs only
+    inherited = base._present_sections() if data.get("scale") == "real" else _SECTIONS
+    sections = {s: dataclasses.asdict(getattr(base, s)) for s in inherited}
     leaf_keys = _leaf_keys(TrainingConfig)
     overrides = []
     for key, spec in raw_overrides.items():

@@ -33,7 +33,7 @@ CASES = [
     (["eval", "--baseline", "fastv", "--tokens-576", "10"], "--tokens-576"),
     (["eval", "--baseline", "fastv", "--tokens-576", "inf"], "--tokens-576"),
     (["eval", "--baseline", "visionzip", "--tokens-576", "4"], "--tokens-576"),
-    (["train", "--config", "configs/llava15_7b_atp.yaml"], "scale"),
+    (["train", "--config", "configs/llava15_7b_atp.yaml"], "model.name_or_path"),  # the placeholder path
 ]
 
 

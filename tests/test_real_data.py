@@ -26,6 +26,7 @@ from atp_repro.real.data import (
     LlavaCollator,
     LlavaDataError,
     LlavaInstructDataset,
+    conversation_messages,
     expand_to_square,
 )
 from atp_repro.real.loading import PLACEHOLDER, ModelFolderError, check_model_folder, load_llava
@@ -201,7 +202,7 @@ def test_chat_template_labels_cover_the_answers_and_one_eos_each(make_dataset, p
 def test_chat_template_that_is_not_a_growing_prefix_is_rejected(make_dataset, processor):
     templated = copy.deepcopy(processor)
     templated.chat_template = "{{ messages | length }} " + TEMPLATE_WITH_EOS  # the head changes with each turn
-    with pytest.raises(LlavaDataError, match="growing prefix.*sample 0"):
+    with pytest.raises(LlavaDataError, match="sample 0 \\(id two-turn\\): .*growing prefix"):
         make_dataset([TWO_TURN], proc=templated)
 
 
@@ -237,12 +238,13 @@ def test_all_text_batch_gets_a_padding_image_row(make_dataset, processor, num_im
     assert padding["input_ids"].tolist() == [1] + [IMAGE_TOKEN_ID] * num_image_tokens
     batch = LlavaCollator(pad_token_id=PAD_TOKEN_ID, padding_sample=padding)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 3
-    width = batch["input_ids"].shape[1]
-    assert width == 1 + num_image_tokens
-    assert tokens(processor, batch["input_ids"][2]) == ["<s>"] + ["<image>"] * num_image_tokens
+    n, width = 1 + num_image_tokens, batch["input_ids"].shape[1]
+    assert width == max(n, len(dataset[0]["input_ids"]))
+    assert tokens(processor, batch["input_ids"][2, :n]) == ["<s>"] + ["<image>"] * num_image_tokens
+    assert (batch["input_ids"][2, n:] == PAD_TOKEN_ID).all()
+    assert batch["attention_mask"][2].tolist() == [1] * n + [0] * (width - n)
     assert (batch["labels"][2] == IGNORE_INDEX).all()
     assert not batch["atp_answer_mask"][2].any()
-    assert batch["attention_mask"][2].all()
     assert batch["pixel_values"].shape == (1, 3, GRID * 4, GRID * 4)
     assert (batch["pixel_values"] == 0).all()
     assert batch["atp_padding_image"] is True
@@ -250,10 +252,32 @@ def test_all_text_batch_gets_a_padding_image_row(make_dataset, processor, num_im
     assert torch.equal(batch["labels"][0, :len(dataset[0]["labels"])], dataset[0]["labels"])
 
 
+def test_images_are_stacked_in_sample_order(make_dataset):
+    tall = {**TWO_TURN, "id": "tall", "image": "tall.png"}
+    dataset = make_dataset([TWO_TURN, TEXT_ONLY, tall])
+    batch = LlavaCollator(pad_token_id=PAD_TOKEN_ID)([dataset[0], dataset[1], dataset[2]])
+    assert batch["pixel_values"].shape[0] == 2
+    assert torch.equal(batch["pixel_values"][0], dataset[0]["pixel_values"])  # red
+    assert torch.equal(batch["pixel_values"][1], dataset[2]["pixel_values"])  # blue
+    assert not torch.equal(dataset[0]["pixel_values"], dataset[2]["pixel_values"])
+
+
 def test_collator_without_padding_sample_or_answer_mask(make_dataset):
     dataset = make_dataset([TEXT_ONLY])
     batch = LlavaCollator(pad_token_id=PAD_TOKEN_ID, answer_mask=False)([dataset[0]])
     assert set(batch) == {"input_ids", "attention_mask", "labels"}  # no image, no padding row, no flag
+
+
+def test_conversation_messages_moves_the_marker_to_the_start_of_its_turn():
+    messages = conversation_messages(TWO_TURN)
+    assert messages == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q1 q2"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a1 a2"}]},
+        {"role": "user", "content": [{"type": "text", "text": "q3"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a3"}]},
+    ]
+    with pytest.raises(ValueError, match="last turn must be from gpt"):
+        conversation_messages({"conversations": TWO_TURN["conversations"][:3]})
 
 
 # -- 4. invalid data ---------------------------------------------------------------------------------------------
