@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from atp_repro.atp import ATPConfig, apply_atp, save_atp
-from atp_repro.atp.tiny import tiny_llava
+from atp_repro.atp.tiny import tiny_llava, tiny_processor
 from atp_repro.real import evaluation
 from atp_repro.real.evaluation import (
     AVG_RATE,
@@ -37,21 +37,7 @@ QUESTIONS = ("w5 w6 w7", "w9 w10")
 
 
 def make_processor():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:"]
-    words += [f"w{i}" for i in range(128 - len(words))]
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    size = GRID * 4
-    ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, image_token="<image>")
+    return tiny_processor(tiny_llava(num_layers=4, grid=GRID))
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +357,18 @@ def test_adapter_generate_until_with_a_stand_in_lmms_eval(monkeypatch, tmp_path,
         lm.loglikelihood(requests)
     with pytest.raises(ValueError, match="unknown model_args"):
         module.ATPLlava(pretrained=str(folder), device="cpu", conv_template="vicuna")
+
+
+def test_the_retention_command_prints_and_writes_the_table(tmp_path, capsys):
+    from atp_repro import cli
+
+    ub = lmms_eval_file(tmp_path / "ub.json", {"gqa": {"exact_match,none": 0.62}, "pope": {"pope_f1_score,none": 0.86}})
+    pruned = lmms_eval_file(tmp_path / "atp.json",
+                            {"gqa": {"exact_match,none": 0.589}, "pope": {"pope_f1_score,none": 0.86}})
+    out = tmp_path / "table.csv"
+    assert cli.main(["retention", str(ub), str(pruned), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GQA" in printed and AVG_RATE in printed
+    table = pd.read_csv(out, index_col=0)
+    assert table.loc[AVG_RATE, "retention_%"] == pytest.approx((95.0 + 100.0) / 2)
+    assert cli.main(["retention", str(tmp_path / "absent.json"), str(pruned)]) == 2

@@ -84,10 +84,10 @@ TINY_WORDS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:")
 
 
 def tiny_processor(model: LlavaForConditionalGeneration, words: tuple[str, ...] = ()):
-    """An offline ``LlavaProcessor`` for :func:`tiny_llava`: a whitespace word-level tokenizer whose
+    """An offline ``LlavaProcessor`` for :func:`tiny_llava`: a whitespace word-level tokenizer (``<s>`` first) whose
     vocabulary is the special tokens, ``USER:``/``ASSISTANT:``, ``words``, then fillers up to the
     model's vocabulary size (``<image>`` keeps id 4), and a CLIP image processor at the model's size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
     vocab_size = model.config.text_config.vocab_size
@@ -97,6 +97,7 @@ def tiny_processor(model: LlavaForConditionalGeneration, words: tuple[str, ...] 
     vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # as LLaMA
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>",
                                         extra_special_tokens={"image_token": "<image>"})

@@ -1,9 +1,15 @@
-"""The real-scale branch of ``atp-repro train --config <file with scale: real>`` (see atp_repro.real.train)."""
+"""Real scale on the command line (auto-registered by atp_repro.cli).
+
+    atp-repro train --config <file with scale: real>      # the Trainer path (atp_repro.real.train)
+    atp-repro retention <upper-bound results> <ATP results> [--out table.csv]   # from lmms-eval result files
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from atp_repro.cli import subcommand
 
 REAL_ONLY_CONFLICTS = {"--stage atp": lambda a: a.stage != "upper-bound", "--steps": lambda a: a.steps is not None,
                        "--frozen-lm": lambda a: a.frozen_lm, "--tokens-576": lambda a: a.tokens_576 is not None}
@@ -44,3 +50,20 @@ def run_real_training(args: argparse.Namespace) -> int:
                 "global_batch_size", "zero_stage", "samples", "skipped", "resumed_from", "final_model")
         print(json.dumps({k: summary[k] for k in keep}, indent=2, default=str))
     return 0
+
+
+@subcommand("retention", help="main Table 1's retention (Avg. Rate) from lmms-eval result files of two models")
+def _retention(parser: argparse.ArgumentParser):
+    parser.add_argument("upper_bound", help="lmms-eval result file, or folder of runs, of the unpruned model")
+    parser.add_argument("pruned", help="lmms-eval result file, or folder of runs, of the pruned (ATP) model")
+    parser.add_argument("--out", default=None, help="also write the table as CSV (atomically)")
+    parser.add_argument("--scale", default="paper", choices=("paper", "raw"),
+                        help="scores on the paper's printed scale (default) or as lmms-eval writes them")
+
+    def run(args: argparse.Namespace) -> int:
+        from atp_repro.real.evaluation import main
+
+        return main(["retention", args.upper_bound, args.pruned, "--scale", args.scale,
+                     *(["--out", args.out] if args.out else [])])
+
+    return run
