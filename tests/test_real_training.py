@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from atp_repro.atp import has_atp, load_atp_pretrained, token_counts
 from atp_repro.atp.api import ATP_CONFIG_FILE, ATP_WEIGHTS_FILE, _language_model
-from atp_repro.real.train import SUMMARY_FILE, build_trainer
 from atp_repro.real.tiny_world import write_tiny_world
+from atp_repro.real.train import SUMMARY_FILE, build_trainer
 from atp_repro.training_config import load_training_config
 
 TIMEOUT_S = 600
