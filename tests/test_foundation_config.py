@@ -89,7 +89,8 @@ def test_mini_world_states_a_reason_for_every_change(
     assert mini.overrides and all(o.reason.strip() for o in mini.overrides)
     base = {row["key"]: row["value"] for row in real.describe()}
     # the real config's data and run sections (real-scale runs only) are not inherited by the mini world
-    assert {row["key"] for row in mini.describe()} == {k for k in base if k.split(".")[0] in ("model", "training", "atp")}
+    inherited = {k for k in base if k.split(".")[0] in ("model", "training", "atp")}
+    assert {row["key"] for row in mini.describe()} == inherited
     changed = {row["key"] for row in mini.describe() if row["value"] != base[row["key"]]}
     assert changed == {o.key for o in mini.overrides}
     for o in mini.overrides:
