@@ -334,6 +334,9 @@ class RunSection:
     max_steps: int | None = _field("stop after this many optimizer steps (null: training.epochs)", ge=1,
                                    default=None)
     dataloader_num_workers: int = _field("data-loading worker processes per device", ge=0, default=4)
+    gradient_checkpointing: bool = _field(
+        "recompute activations in the backward pass (non-reentrant; LLaVA-1.5's 7B fine-tune uses it)", default=True
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _field(
         "attention kernel of the language model (ATP scores with it; flash_attention_2 needs the gpu extra)",
         default="sdpa",

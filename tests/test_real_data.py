@@ -356,7 +356,7 @@ def test_json_file_problems(data, processor, num_image_tokens):
 def test_skip_keeps_the_good_samples_and_counts_the_bad_by_reason(make_dataset, processor):
     good = [TWO_TURN, TEXT_ONLY]
     reference = make_dataset(good, name="good.json")
-    max_length = max(len(s) for s, _ in reference.encoded)
+    max_length = int(reference.lengths.max())
     long = {"id": "long", "conversations": conv(("human", " ".join(["q1"] * max_length)), ("gpt", "a1"))}
     samples = [BAD_SAMPLES["missing-image"][0], TWO_TURN, BAD_SAMPLES["not-alternating"][0], "not a mapping",
                long, BAD_SAMPLES["last-turn-human"][0], TEXT_ONLY]

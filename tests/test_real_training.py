@@ -118,6 +118,18 @@ def test_frozen_lm_trains_the_atp_modules_alone(single_world, tmp_path):
     assert changed["atp"]
 
 
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
+    plain = write_tiny_world(tmp_path / "plain", world_size=1, zero_stage=0, save_steps=100)
+    checkpointed = write_tiny_world(tmp_path / "ckpt", world_size=1, zero_stage=0, save_steps=100,
+                                    gradient_checkpointing=True)
+    *_, after_plain = _train_single(plain, tmp_path / "a")
+    cfg, trainer, *_, after_checkpointed = _train_single(checkpointed, tmp_path / "b")
+    assert trainer.args.activation_checkpointing and trainer.model.is_activation_checkpointing
+    for part, weights in after_plain.items():
+        for key, value in weights.items():
+            torch.testing.assert_close(after_checkpointed[part][key], value, rtol=1e-5, atol=1e-6)
+
+
 # -- two processes, DeepSpeed ZeRO-3 -----------------------------------------------------------------
 
 

@@ -25,6 +25,19 @@ ATP_CONFIG_FILE = "atp_config.json"
 ATP_WEIGHTS_FILE = "atp_modules.pt"
 
 
+SUPPORTED = "LlavaForConditionalGeneration (LLaVA-1.5 layout: one image span per sample, 1-D positions)"
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Only transformers' LLaVA class (and its subclasses): other VLMs with a decoder of the same shape
+    (Qwen2-VL's M-RoPE 3-D positions, LLaVA-NeXT's tiled spans, ...) would be accepted by the shape
+    test below and then fail or prune wrongly in forward."""
+    from transformers import LlavaForConditionalGeneration
+
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"apply_atp does not support {type(model).__name__}; supported: {SUPPORTED}")
+
+
 def _language_model(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", None)
     lm = getattr(inner, "language_model", None)
@@ -61,6 +74,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     """
     if not isinstance(config, ATPConfig):
         raise TypeError(f"config must be an ATPConfig, got {type(config).__name__}")
+    _check_supported(model)
     lm = _language_model(model)
     if getattr(lm, "_atp_runtime", None) is not None:
         raise ValueError("ATP modules were already applied to this model")

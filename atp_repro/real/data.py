@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -177,12 +178,14 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
             raise LlavaDataError(f"{self.json_path}: not valid JSON ({err})") from None
         if not isinstance(samples, list):
             raise LlavaDataError(f"{self.json_path}: expected a JSON list of samples, got {type(samples).__name__}")
+        # Every sample is encoded once to check it; only its length is kept, and the ids are made again
+        # when the sample is read (665k encoded samples would hold ~10 GB of Python ints).
         self.samples: list[dict] = []
-        self.encoded: list[tuple[list[int], list[int]]] = []
+        lengths: list[int] = []
         self.skipped: Counter[str] = Counter()
         for index, sample in enumerate(samples):
             try:
-                self.encoded.append(self._encode(sample))
+                lengths.append(len(self._encode(sample)[0]))
                 self.samples.append(sample)
             except ValueError as err:
                 sid = sample.get("id") if isinstance(sample, dict) else None
@@ -195,6 +198,7 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
                            len(samples), dict(self.skipped))
         if not self.samples:
             raise LlavaDataError(f"{self.json_path}: no usable sample (skipped: {dict(self.skipped)})")
+        self.lengths = np.asarray(lengths, dtype=np.int32)
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -263,7 +267,7 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
                 "pixel_values": torch.zeros(3, height, width)}
 
     def __getitem__(self, index: int) -> dict:
-        input_ids, labels = self.encoded[index]
+        input_ids, labels = self._encode(self.samples[index])
         image = self.samples[index].get("image")
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
                 "pixel_values": None if image is None else self._pixel_values(str(image))}

@@ -29,7 +29,7 @@ LAYERS = 4
 
 
 def tiny_config(root: Path, *, world_size: int = 2, zero_stage: int = 3, freeze_llm: bool = False,
-                save_steps: int = 2) -> dict:
+                save_steps: int = 2, gradient_checkpointing: bool = False) -> dict:
     """The config mapping of a tiny run (the real config's structure; values scaled to the tiny model)."""
     return {
         "name": "tiny-real", "scale": "real",
@@ -48,7 +48,7 @@ def tiny_config(root: Path, *, world_size: int = 2, zero_stage: int = 3, freeze_
                 "score_normalisation": "minmax", "position_encoding": "learned2d", "init_calibration": "none"},
         "data": {"train_json": str(root / "data.json"), "image_folder": str(root / "images"), "max_length": 64},
         "run": {"output_dir": str(root / "out"), "save_steps": save_steps, "logging_steps": 1,
-                "dataloader_num_workers": 0},
+                "dataloader_num_workers": 0, "gradient_checkpointing": gradient_checkpointing},
     }
 
 
