@@ -318,6 +318,10 @@ class DataSection:
     image_aspect_ratio: Literal["pad", "crop"] = _field(
         "'pad' to a square as LLaVA-1.5 trains, or the processor's resize and centre crop", default="pad"
     )
+    conversation_template: Literal["llava_v1", "processor"] = _field(
+        "'llava_v1': the template LLaVA-1.5 trained with (system sentence, USER/ASSISTANT, </s>); "
+        "'processor': the processor's chat template", default="llava_v1"
+    )
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -596,6 +600,9 @@ def parse_training_config(
     for key, spec in raw_overrides.items():
         if key not in leaf_keys:
             raise ConfigError(f"overrides.{key}", _unknown_key_message(str(key), leaf_keys))
+        if key.split(".")[0] in _OPTIONAL_SECTIONS and data.get("scale") != "real":
+            raise ConfigError(f"overrides.{key}", f"the {key.split('.')[0]} section applies to scale: real configs "
+                                                  f"only (this config has scale: {data.get('scale')!r})")
         if not isinstance(spec, Mapping) or set(spec) != {"value", "reason"}:
             raise ConfigError(
                 f"overrides.{key}", f"expected exactly the keys 'value' and 'reason', got {spec!r}"

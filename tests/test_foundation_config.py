@@ -285,3 +285,11 @@ def test_committed_table1_is_up_to_date(
         assert committed.read_bytes() == path.read_bytes(), (
             f"{committed.name} is stale: the configs changed; run 'make reproduce' and commit tables/"
         )
+
+
+def test_a_mini_config_cannot_override_the_real_runs_data_section(tmp_path: Path, repo_root: Path) -> None:
+    path = tmp_path / "derived.yaml"
+    path.write_text(f"name: x\nscale: mini\ndescription: d\ninherits: {repo_root / REAL_CONFIG}\n"
+                    "overrides:\n  data.max_length: {value: 10, reason: r}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="overrides.data.max_length.*scale: real configs only"):
+        load_training_config(path)

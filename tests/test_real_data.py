@@ -191,7 +191,7 @@ def test_chat_template_labels_cover_the_answers_and_one_eos_each(make_dataset, p
                                                                  template):
     templated = copy.deepcopy(processor)
     templated.chat_template = template
-    sample = make_dataset([TWO_TURN], proc=templated)[0]
+    sample = make_dataset([TWO_TURN], proc=templated, template="processor")[0]
     layout = [("<s>", False), *user("USER:"), *image_span(num_image_tokens), *user("q1", "q2", "ASSISTANT:"),
               *answer("a1", "a2"), *user("USER:", "q3", "ASSISTANT:"), *answer("a3")]
     check_layout(processor, sample, layout)
@@ -203,7 +203,7 @@ def test_chat_template_that_is_not_a_growing_prefix_is_rejected(make_dataset, pr
     templated = copy.deepcopy(processor)
     templated.chat_template = "{{ messages | length }} " + TEMPLATE_WITH_EOS  # the head changes with each turn
     with pytest.raises(LlavaDataError, match="sample 0 \\(id two-turn\\): .*growing prefix"):
-        make_dataset([TWO_TURN], proc=templated)
+        make_dataset([TWO_TURN], proc=templated, template="processor")
 
 
 # -- 3. text-only samples and the collator ---------------------------------------------------------------------
@@ -500,3 +500,34 @@ def test_load_llava_returns_the_model_and_an_equivalent_processor(model_folder, 
 def test_load_llava_checks_the_folder_first(tmp_path):
     with pytest.raises(ModelFolderError, match="no such folder"):
         load_llava(tmp_path / "nowhere")
+
+
+def test_a_sentencepiece_style_tokenizer_sees_the_whole_conversation_at_once(tmp_path, num_image_tokens):
+    """With a Metaspace (SentencePiece-style) tokenizer, a piece of text tokenized on its own starts with a
+    word-boundary token that the whole text does not have; the ids must be those of the whole conversation,
+    and the labels exactly the answer words and their </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    words += [f"\u2581{w}" for w in ("USER:", "ASSISTANT:", "q1", "q2", "q3", "a1", "a2", "a3")] + ["\u2581", "\n"]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    model = tiny_llava(num_layers=2, grid=4)
+    base = tiny_processor(model)
+    processor = LlavaProcessor(image_processor=base.image_processor, tokenizer=tokenizer, patch_size=4,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    sample = {"id": "sp", "conversations": [{"from": "human", "value": "q1 q2"}, {"from": "gpt", "value": "a1 a2"},
+                                            {"from": "human", "value": "q3"}, {"from": "gpt", "value": "a3"}]}
+    path = tmp_path / "sp.json"
+    path.write_text(json.dumps([sample]), encoding="utf-8")
+    item = LlavaInstructDataset(path, None, processor, num_image_tokens, system=None)[0]
+    whole = "USER: q1 q2 ASSISTANT: a1 a2</s>USER: q3 ASSISTANT: a3</s>"
+    expected = [tokenizer.bos_token_id] + tokenizer(whole, add_special_tokens=False)["input_ids"]
+    assert item["input_ids"].tolist() == expected
+    trained = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert tokenizer.convert_ids_to_tokens(trained) == ["\u2581a1", "\u2581a2", "</s>", "\u2581a3", "</s>"]

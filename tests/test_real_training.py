@@ -130,6 +130,23 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
             torch.testing.assert_close(after_checkpointed[part][key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_a_single_process_run_resumes_to_the_uninterrupted_weights(single_world, tmp_path):
+    """Without DeepSpeed, Trainer reloads a checkpoint with a plain load_state_dict: the checkpoint must hold
+    the weights under the model's own names, or the run would silently continue from the initial weights."""
+    from atp_repro.real.train import train_from_config
+
+    cfg = load_training_config(single_world)
+    full = train_from_config(cfg, output_dir=str(tmp_path / "full"))
+    stopped = train_from_config(cfg, output_dir=str(tmp_path / "resumed"), stop_after_steps=2)
+    assert stopped["final_model"] is None and (tmp_path / "resumed" / "checkpoint-2").is_dir()
+    resumed = train_from_config(cfg, output_dir=str(tmp_path / "resumed"), resume="last")
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == full["global_step"]
+    for name in ("model.safetensors", ATP_WEIGHTS_FILE):
+        load = load_file if name.endswith(".safetensors") else (lambda p: torch.load(p, weights_only=True))
+        a, b = load(tmp_path / "full" / name), load(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 # -- two processes, DeepSpeed ZeRO-3 -----------------------------------------------------------------
 
 

@@ -241,13 +241,16 @@ def atp_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(_language_model(model).atp_modules.parameters())
 
 
-def save_atp(model: nn.Module, directory: str | Path) -> None:
-    """Write the ATP config and module weights next to a ``save_pretrained`` checkpoint (atomically)."""
+def save_atp(model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the ATP config and module weights next to a ``save_pretrained`` checkpoint (atomically).
+
+    ``state_dict``: the module weights to write (keys as in ``atp_modules.state_dict()``), e.g. gathered
+    from a DeepSpeed ZeRO-3 model whose own parameters are partitioned; default: the model's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atp_config(model).save(directory / ATP_CONFIG_FILE)
     buffer = io.BytesIO()
-    torch.save(_language_model(model).atp_modules.state_dict(), buffer)
+    torch.save(_language_model(model).atp_modules.state_dict() if state_dict is None else state_dict, buffer)
     atomic_write_bytes(directory / ATP_WEIGHTS_FILE, buffer.getvalue())
 
 

@@ -7,9 +7,11 @@ The file is a JSON list of samples::
                        {"from": "gpt", "value": "The bus is white and red."}, ...]}
 
 Image paths are relative to an image folder. A sample becomes token ids with the conversation
-template of LLaVA-1.5: the processor's chat template when it has one, else LLaVA-1.5's own
-("vicuna_v1": a system sentence, ``USER: ... ASSISTANT: ...</s>``). Labels are -100 everywhere but on
-the assistant turns (their text and end-of-sequence token), as in LLaVA; the collator passes the
+template LLaVA-1.5 trained with ("vicuna_v1": a system sentence, ``USER: ... ASSISTANT: ...</s>``),
+or with the processor's chat template (``template="processor"``). The whole conversation is
+tokenized at once, as LLaVA does (SentencePiece tokenizes a piece of text differently on its own).
+Labels are -100 everywhere but on the assistant turns (their text and end-of-sequence token), as in
+LLaVA; the collator passes the
 same positions to ATP as ``atp_answer_mask`` (answers are not queries of the cross-modality score).
 
 Every sample is checked when the dataset is built (conversation shape, one ``<image>`` per sample
@@ -33,6 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ON_INVALID = ("fail", "skip")
+TEMPLATES = ("llava_v1", "processor")
 ASPECT_RATIOS = ("pad", "crop")
 ROLES = {"human": "user", "gpt": "assistant"}
 IGNORE_INDEX = -100
@@ -120,7 +123,7 @@ def _template_segments(processor, messages: list[dict], eos: str) -> list[Segmen
                              "remove its chat_template to use LLaVA-1.5's template")
         text = upto[len(done):]
         if message["role"] == "assistant" and not text.rstrip().endswith(eos):
-            text += eos  # LLaVA trains the end of each answer
+            text = text.rstrip() + eos  # LLaVA trains the end of each answer (right after it, no space)
         segments.append(Segment(text, message["role"] == "assistant"))
         done = upto  # the rendered text so far (an added end-of-answer token is not part of it)
     return segments
@@ -150,13 +153,18 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
         max_length: the longest sample in tokens (image tokens included).
         on_invalid: ``"fail"`` (raise on the first bad sample) or ``"skip"`` (leave it out, counted).
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5 training: pad to a square) or ``"crop"`` (the processor's).
-        system: the system sentence of the fallback template (LLaVA-1.5's by default; None: none).
+        template: ``"llava_v1"`` (LLaVA-1.5's training template, with ``system``) or ``"processor"`` (the
+            processor's chat template; llava-hf's has no system sentence).
+        system: the system sentence of the ``llava_v1`` template (LLaVA-1.5's by default; None: none).
     """
 
     def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor, num_image_tokens: int,
                  *, max_length: int = 2048, on_invalid: str = "fail", image_aspect_ratio: str = "pad",
-                 system: str | None = LLAVA15_SYSTEM) -> None:
+                 template: str = "llava_v1", system: str | None = LLAVA15_SYSTEM) -> None:
         _check_choice("on_invalid", on_invalid, ON_INVALID)
+        _check_choice("template", template, TEMPLATES)
+        if not getattr(getattr(processor, "tokenizer", processor), "is_fast", False):
+            raise ValueError("a fast tokenizer (tokenizer.json) is needed: labels come from its character offsets")
         _check_choice("image_aspect_ratio", image_aspect_ratio, ASPECT_RATIOS)
         if num_image_tokens < 1 or max_length < 1:
             raise ValueError(f"num_image_tokens and max_length must be >= 1, got {num_image_tokens}, {max_length}")
@@ -170,6 +178,7 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.image_aspect_ratio = image_aspect_ratio
         self.system = system
+        self.template = template
         try:
             samples = json.loads(self.json_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -204,18 +213,33 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
 
     def _segments(self, messages: list[dict]) -> list[Segment]:
         eos = self.tokenizer.eos_token or ""
-        if getattr(self.processor, "chat_template", None):
+        if self.template == "processor":
+            if not getattr(self.processor, "chat_template", None):
+                raise ValueError("conversation_template='processor', but the processor has no chat_template")
             return _template_segments(self.processor, messages, eos)
         return _fallback_segments(messages, self.image_token, eos, self.system)
 
-    def _tokens(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for i, part in enumerate(text.split(self.image_token)):
-            if i:
-                ids += [self.image_token_id] * self.num_image_tokens
-            if part:
-                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
-        return ids
+    def _tokens(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+        """The conversation tokenized once, as a whole (a SentencePiece tokenizer tokenizes a piece of text
+        differently on its own), labelled by the character spans of the assistant segments: a token is
+        trained if its last character lies in one. Each image marker becomes the image's token span."""
+        text = "".join(segment.text for segment in segments)
+        trained = torch.zeros(len(text) + 1, dtype=torch.bool)
+        start = 0
+        for segment in segments:
+            trained[start:start + len(segment.text)] = segment.trained
+            start += len(segment.text)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for token, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if token == self.image_token_id:
+                input_ids += [token] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+                continue
+            input_ids.append(token)
+            labels.append(token if bool(trained[max(begin, end - 1)]) else IGNORE_INDEX)
+        return input_ids, labels
 
     def _encode(self, sample) -> tuple[list[int], list[int]]:
         if not isinstance(sample, dict):
@@ -231,12 +255,9 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
             if not path.is_file():
                 raise ValueError(f"missing image: {path}")
         bos = self.tokenizer.bos_token_id
-        input_ids = [bos] if bos is not None else []
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for segment in self._segments(messages):
-            ids = self._tokens(segment.text)
-            input_ids += ids
-            labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
+        ids, trained = self._tokens(self._segments(messages))
+        input_ids = ([bos] if bos is not None else []) + ids
+        labels = ([IGNORE_INDEX] if bos is not None else []) + trained
         if len(input_ids) > self.max_length:
             raise ValueError(f"over the maximum length: {len(input_ids)} tokens > data.max_length={self.max_length}")
         return input_ids, labels

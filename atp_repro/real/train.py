@@ -21,7 +21,6 @@ More than one process runs under DeepSpeed with ``training.deepspeed_config`` wh
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -32,8 +31,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .. import paths
-from ..atp import ATPConfig, apply_atp, atp_parameters, budget_breakdown, has_atp, token_counts
-from ..atp.api import ATP_CONFIG_FILE, ATP_WEIGHTS_FILE, _language_model
+from ..atp import ATPConfig, apply_atp, atp_parameters, budget_breakdown, has_atp, save_atp, token_counts
+from ..atp.api import ATP_WEIGHTS_FILE, _language_model
 from ..training_config import TrainingConfig
 from .data import LlavaCollator, LlavaInstructDataset
 from .loading import load_llava
@@ -64,7 +63,7 @@ def resolve_precision(requested: str, device: str) -> str:
     if requested != "bf16":
         return requested
     if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     from ..efficiency.strategies import fast_bf16_available
 
     return "bf16" if fast_bf16_available("cpu") else "fp32"
@@ -118,6 +117,9 @@ def training_arguments(cfg: TrainingConfig, *, output_dir: str | None = None, ma
         report_to=[],
         deepspeed=str(paths.resolve(t.deepspeed_config)) if use_deepspeed else None,
     )
+    if args.n_gpu > 1:  # one process seeing several GPUs: Trainer would use nn.DataParallel
+        raise ValueError(f"one process sees {args.n_gpu} GPUs; launch one process per GPU (torchrun --nproc_per_node "
+                         f"{args.n_gpu} -m atp_repro train ...) or set CUDA_VISIBLE_DEVICES to one GPU")
     if args.world_size != processes:  # args.world_size also sets up the process group (before zero.Init loads)
         raise RuntimeError(f"the launcher started {args.world_size} processes but WORLD_SIZE says {processes}")
     resolved = {"precision": precision, "requested_precision": t.precision, "device": device,
@@ -209,38 +211,57 @@ class ATPTrainer(Trainer):
     # -- checkpoints: the stock HF files plus the ATP files ----------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's ``_save`` (weights, processor, training arguments) plus the ATP files.
+
+        The weights are written in transformers' own key layout (``save_original_format=False``):
+        Trainer's resume without DeepSpeed loads them with a plain ``load_state_dict``, which does not
+        convert the original LLaVA layout back and would silently keep the initial weights. Both layouts
+        load with ``from_pretrained``."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
-        atp_state = None
-        if self.args.should_save and has_atp(self.model):
-            # save_pretrained drops the ATP keys from the state dict it is given: take them first
-            source = state_dict if state_dict else self.model.state_dict()
-            atp_state = {k.split(ATP_KEY, 1)[1]: v.detach().cpu().clone() for k, v in source.items() if ATP_KEY in k}
-        super()._save(output_dir, state_dict=state_dict)
-        if atp_state is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        # save_pretrained drops the ATP keys from the state dict it is given: take them first
+        source = state_dict if state_dict else self.model.state_dict()
+        atp_state = {k.split(ATP_KEY, 1)[1]: v.detach().cpu().clone() for k, v in source.items() if ATP_KEY in k}
+        self.model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if has_atp(self.model):
             if not atp_state or any(v.numel() == 0 for v in atp_state.values()):
                 raise RuntimeError("the ATP module weights were not gathered; set "
                                    "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config")
-            write_atp_files(_language_model(self.model)._atp_runtime.config, atp_state, output_dir)
+            save_atp(self.model, output_dir, state_dict=atp_state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """Trainer's loading (without DeepSpeed), checked to have restored every weight, then the ATP modules."""
         target = model if model is not None else self.model
-        weights = Path(resume_from_checkpoint) / ATP_WEIGHTS_FILE
+        expected = {k for k in target.state_dict() if ATP_KEY not in k}
+        found = checkpoint_keys(resume_from_checkpoint)
+        if not expected <= found:
+            missing = sorted(expected - found)
+            raise RuntimeError(f"{resume_from_checkpoint}: the checkpoint does not hold {len(missing)} of the model's "
+                               f"weights under the model's names (e.g. {missing[0]}); it was not written by this "
+                               "trainer, so resuming would continue from the initial weights")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         if has_atp(target):
+            weights = Path(resume_from_checkpoint) / ATP_WEIGHTS_FILE
             if not weights.is_file():
                 raise FileNotFoundError(f"{weights}: the checkpoint has no ATP weights; cannot resume an ATP run")
             state = torch.load(weights, map_location="cpu", weights_only=True)
             _language_model(target).atp_modules.load_state_dict(state)
 
 
-def write_atp_files(config: ATPConfig, state: dict[str, torch.Tensor], directory: str | Path) -> None:
-    """The ATP config and module weights (as :func:`atp_repro.atp.save_atp` writes them) from a state dict."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save(directory / ATP_CONFIG_FILE)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    paths.atomic_write_bytes(directory / ATP_WEIGHTS_FILE, buffer.getvalue())
+def checkpoint_keys(folder: str | Path) -> set[str]:
+    """The tensor names of a checkpoint folder's safetensors files."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            keys |= set(handle.keys())
+    return keys
 
 
 class StopAfter(TrainerCallback):
@@ -271,7 +292,10 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
                   stop_after_steps: int | None = None) -> tuple[ATPTrainer, dict]:
     """Everything a run needs: arguments, model with ATP, data, trainer; and the resolved settings."""
     args, resolved = training_arguments(cfg, output_dir=output_dir, max_steps=max_steps)
-    dtype = torch.bfloat16 if resolved["precision"] == "bf16" else torch.float32
+    # Half-precision weights only under DeepSpeed, which keeps fp32 master copies in its optimizer; otherwise
+    # fp32 weights and autocast (AdamW on bf16 weights would lose most updates at lr 2e-5).
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved["precision"])
+    dtype = half if half is not None and resolved["deepspeed"] else torch.float32
     run = cfg.run or _default_run(cfg)
     model, processor = load_llava(cfg.model.name_or_path, dtype=dtype, attn_implementation=run.attn_implementation)
     check_model_matches(cfg, model)
@@ -281,12 +305,14 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
                          "training supports 'none' (the paper's start)")
     set_seed(cfg.training.seed)  # the ATP modules' initial weights: the same on every process and in every run
     apply_atp(model, atp)
+    _language_model(model).atp_modules.to(dtype)  # DeepSpeed needs one dtype for all parameters
     resolved["parameters"] = set_trainable(model, cfg.training.freeze_llm)
     data = cfg.data
     dataset = LlavaInstructDataset(paths.resolve(data.train_json),
                                    paths.resolve(data.image_folder) if data.image_folder else None,
                                    processor, int(model.config.image_seq_length), max_length=data.max_length,
-                                   on_invalid=data.on_invalid, image_aspect_ratio=data.image_aspect_ratio)
+                                   on_invalid=data.on_invalid, image_aspect_ratio=data.image_aspect_ratio,
+                                   template=data.conversation_template)
     resolved["samples"] = len(dataset)
     resolved["skipped"] = dict(dataset.skipped)
     pad = processor.tokenizer.pad_token_id
@@ -326,7 +352,8 @@ def train_from_config(cfg: TrainingConfig, *, resume: str | None = None, output_
         if not Path(checkpoint).is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    finished = stop_after_steps is None or trainer.state.global_step < stop_after_steps
+    finished = (stop_after_steps is None or trainer.state.global_step < stop_after_steps
+                or trainer.state.global_step >= trainer.state.max_steps)
     if finished:
         trainer.save_model(trainer.args.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
