@@ -359,16 +359,23 @@ def test_skip_keeps_the_good_samples_and_counts_the_bad_by_reason(make_dataset, 
     max_length = int(reference.lengths.max())
     long = {"id": "long", "conversations": conv(("human", " ".join(["q1"] * max_length)), ("gpt", "a1"))}
     samples = [BAD_SAMPLES["missing-image"][0], TWO_TURN, BAD_SAMPLES["not-alternating"][0], "not a mapping",
-               long, BAD_SAMPLES["last-turn-human"][0], TEXT_ONLY]
+               long, BAD_SAMPLES["last-turn-human"][0], TEXT_ONLY, *[TWO_TURN, TEXT_ONLY] * 2]
     dataset = make_dataset(samples, on_invalid="skip", max_length=max_length)
-    assert [s["id"] for s in dataset.samples] == ["two-turn", "text-only"]
-    assert len(dataset) == 2
+    assert [s["id"] for s in dataset.samples] == ["two-turn", "text-only"] * 3
+    assert len(dataset) == 6
     assert dataset.skipped == Counter({"missing image": 1, "malformed conversation": 2, "malformed sample": 1,
                                        "over the maximum length": 1})
     for i in range(2):
         assert torch.equal(dataset[i]["input_ids"], reference[i]["input_ids"])
         assert torch.equal(dataset[i]["labels"], reference[i]["labels"])
     assert dataset[1]["pixel_values"] is None and dataset[0]["pixel_values"] is not None
+
+
+def test_skip_refuses_when_more_samples_are_bad_than_good(make_dataset):
+    """A wrong image folder makes every image sample 'missing': that is an error, not a few skipped samples."""
+    bad = [BAD_SAMPLES["missing-image"][0]] * 3
+    with pytest.raises(LlavaDataError, match="3 of 5 samples would be skipped .*check data.image_folder"):
+        make_dataset([*bad, TWO_TURN, TEXT_ONLY], on_invalid="skip")
 
 
 def test_skip_with_no_usable_sample_fails(make_dataset):

@@ -147,6 +147,53 @@ def test_a_single_process_run_resumes_to_the_uninterrupted_weights(single_world,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def _derived(base: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of a tiny config with ``section.key`` values changed."""
+    import yaml
+
+    data = yaml.safe_load(base.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"data__train_json": "/nonexistent/data.json"}, "data.train_json=/nonexistent/data.json: no such file"),
+    ({"data__image_folder": "/nonexistent/images"}, "data.image_folder=/nonexistent/images: no such folder"),
+    ({"model__num_hidden_layers": 6, "atp__module_layers": [1]}, "model.num_hidden_layers=6 in the config, but"),
+])
+def test_cheap_checks_come_before_the_weights_are_loaded(single_world, tmp_path, monkeypatch, changes, message):
+    from atp_repro.real import train
+
+    monkeypatch.setattr(train, "load_llava", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        train.train_from_config(load_training_config(_derived(single_world, tmp_path, **changes)))
+
+
+def test_resume_last_skips_an_interrupted_save_and_refuses_another_launch(single_world, tmp_path, monkeypatch):
+    from atp_repro.real import train
+
+    out = tmp_path / "out"
+    for step, complete in ((2, True), (4, False)):  # a save killed while writing checkpoint-4
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / train.COMPLETE_MARKER).write_text("{}")
+            (folder / train.LAUNCH_FILE).write_text(json.dumps({"processes": 2, "zero_stage": 3}))
+    cfg = load_training_config(single_world)
+    assert train.preflight(cfg, "last", str(out)) == str(out / "checkpoint-2")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
+        train.preflight(cfg, str(out / "checkpoint-4"), str(out))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.preflight(cfg, "last", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="resume it with the same number of processes"):
+        train.check_launch(out / "checkpoint-2", {"processes": 1, "zero_stage": 0})
+    train.check_launch(out / "checkpoint-2", {"processes": 2, "zero_stage": 3})
+
+
 # -- two processes, DeepSpeed ZeRO-3 -----------------------------------------------------------------
 
 

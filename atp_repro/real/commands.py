@@ -36,10 +36,7 @@ def run_real_training(args: argparse.Namespace) -> int:
     cfg = load_training_config(args.config)
     if cfg.data is None:
         raise ValueError(f"{args.config}: a real-scale run needs a 'data' section (data.train_json, data.image_folder)")
-    from atp_repro.real.loading import check_model_folder
-
-    check_model_folder(cfg.model.name_or_path)  # before any heavy work
-    from atp_repro.real.train import train_from_config
+    from atp_repro.real.train import train_from_config  # checks files, sizes and the checkpoint before loading
 
     summary = train_from_config(cfg, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps,
                                 stop_after_steps=args.stop_after_steps)

@@ -207,6 +207,9 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
                            len(samples), dict(self.skipped))
         if not self.samples:
             raise LlavaDataError(f"{self.json_path}: no usable sample (skipped: {dict(self.skipped)})")
+        if sum(self.skipped.values()) > len(self.samples):  # more bad than good: a wrong path, not a few bad samples
+            raise LlavaDataError(f"{self.json_path}: {sum(self.skipped.values())} of {len(samples)} samples would be "
+                                 f"skipped ({dict(self.skipped)}); check data.image_folder and the file")
         self.lengths = np.asarray(lengths, dtype=np.int32)
 
     # -- encoding ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from .data import LlavaCollator, LlavaInstructDataset
 from .loading import load_llava
 
 logger = logging.getLogger(__name__)
+# DeepSpeed's ZeRO-3 calls torch.distributed's deprecated collectives once per gather: hundreds of lines a step
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
 ATP_KEY = "atp_modules."
 SUMMARY_FILE = "atp_train_summary.json"
 
@@ -157,9 +160,10 @@ class ATPTrainer(Trainer):
     decoder layers) averaged over the logging interval, and both learning rates.
     """
 
-    def __init__(self, *args, lr_atp: float, **kwargs) -> None:
+    def __init__(self, *args, lr_atp: float, launch_zero_stage: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lr_atp = lr_atp
+        self.launch_zero_stage = launch_zero_stage  # recorded in checkpoints (a resume needs the same launch)
         self.model_accepts_loss_kwargs = False  # per-micro-batch mean LM loss, scaled for accumulation by Trainer
         self._atp_sums: dict[str, float] = defaultdict(float)
         self._atp_count = 0
@@ -228,6 +232,8 @@ class ATPTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        launch = {"processes": self.args.world_size, "zero_stage": self.launch_zero_stage}
+        paths.atomic_write_text(Path(output_dir) / LAUNCH_FILE, json.dumps(launch))
         if has_atp(self.model):
             if not atp_state or any(v.numel() == 0 for v in atp_state.values()):
                 raise RuntimeError("the ATP module weights were not gathered; set "
@@ -277,20 +283,10 @@ class StopAfter(TrainerCallback):
         return control
 
 
-def check_model_matches(cfg: TrainingConfig, model) -> None:
-    """The loaded model has the depth and vision grid the config's ATP settings assume."""
-    layers = model.config.text_config.num_hidden_layers
-    vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
-    for key, want, got in (("model.num_hidden_layers", cfg.model.num_hidden_layers, layers),
-                           ("model.vision_grid", cfg.model.vision_grid, grid)):
-        if want != got:
-            raise ValueError(f"{key}={want} in the config, but the model at {cfg.model.name_or_path} has {got}")
-
-
 def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_steps: int | None = None,
                   stop_after_steps: int | None = None) -> tuple[ATPTrainer, dict]:
     """Everything a run needs: arguments, model with ATP, data, trainer; and the resolved settings."""
+    preflight(cfg, None, output_dir)
     args, resolved = training_arguments(cfg, output_dir=output_dir, max_steps=max_steps)
     # Half-precision weights only under DeepSpeed, which keeps fp32 master copies in its optimizer; otherwise
     # fp32 weights and autocast (AdamW on bf16 weights would lose most updates at lr 2e-5).
@@ -298,7 +294,6 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
     dtype = half if half is not None and resolved["deepspeed"] else torch.float32
     run = cfg.run or _default_run(cfg)
     model, processor = load_llava(cfg.model.name_or_path, dtype=dtype, attn_implementation=run.attn_implementation)
-    check_model_matches(cfg, model)
     atp = ATPConfig(**cfg.atp_kwargs())
     if atp.init_calibration != "none":
         raise ValueError(f"atp.init_calibration={atp.init_calibration!r} is a mini-world option; real-scale "
@@ -322,16 +317,76 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
     collator = LlavaCollator(pad, padding_sample=dataset.padding_image_sample())
     trainer = ATPTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, lr_atp=cfg.training.lr_atp,
+                         launch_zero_stage=resolved["zero_stage"],
                          callbacks=[StopAfter(stop_after_steps)] if stop_after_steps else None)
     return trainer, resolved
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-<step>`` folder of a run, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+LAUNCH_FILE = "atp_launch.json"  # in every checkpoint: the launch it was written by
+COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last
 
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete ``checkpoint-<step>`` folder of a run, or None.
+
+    A folder without ``trainer_state.json`` (written last) is a save that was killed: it is skipped
+    with a warning naming it."""
     folder = Path(output_dir)
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True) if folder.is_dir() else []
+    for candidate in found:
+        if (candidate / COMPLETE_MARKER).is_file():
+            return str(candidate)
+        logger.warning("%s is incomplete (no %s: the save was interrupted); skipping it", candidate, COMPLETE_MARKER)
+    return None
+
+
+def check_launch(checkpoint: str | Path, resolved: dict) -> None:
+    """A checkpoint resumes only under the launch that wrote it: processes and DeepSpeed stage, which set
+    the optimizer's partitioning and the data order."""
+    path = Path(checkpoint) / LAUNCH_FILE
+    if not path.is_file():
+        return
+    written = json.loads(path.read_text(encoding="utf-8"))
+    now = {key: resolved[key] for key in ("processes", "zero_stage")}
+    before = {key: written.get(key) for key in now}
+    if before != now:
+        raise ValueError(f"{checkpoint} was written by a launch with {before}, this launch has {now}: resume it "
+                         f"with the same number of processes and DeepSpeed setting")
+
+
+def preflight(cfg: TrainingConfig, resume: str | None, output_dir: str | None) -> str | None:
+    """Checks that need no weights, before any are loaded: data files, model sizes from config.json, the
+    checkpoint to resume from. Returns the checkpoint folder (or None)."""
+    from .loading import check_model_folder
+
+    folder = check_model_folder(cfg.model.name_or_path)
+    data = cfg.data
+    for key, value, kind in (("data.train_json", data.train_json, "file"), ("data.image_folder", data.image_folder,
+                                                                              "folder")):
+        if value is None:
+            continue
+        path = paths.resolve(value)
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise FileNotFoundError(f"{key}={value}: no such {kind} ({path})")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    sizes = {"model.num_hidden_layers": text.get("num_hidden_layers"),
+             "model.vision_grid": (vision.get("image_size", 0) // vision.get("patch_size", 1)) or None}
+    for key, got in sizes.items():
+        if got is not None and got != cfg.get(key):
+            raise ValueError(f"{key}={cfg.get(key)} in the config, but the model at {cfg.model.name_or_path} has {got}")
+    if resume is None:
+        return None
+    out = paths.resolve(output_dir or (cfg.run or _default_run(cfg)).output_dir)
+    if resume == "last":
+        checkpoint = last_checkpoint(out)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume last: no complete checkpoint-* folder in {out}")
+        return checkpoint
+    if not (Path(resume) / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
+    return str(resume)
 
 
 def train_from_config(cfg: TrainingConfig, *, resume: str | None = None, output_dir: str | None = None,
@@ -340,17 +395,11 @@ def train_from_config(cfg: TrainingConfig, *, resume: str | None = None, output_
 
     ``resume``: a checkpoint folder, or ``"last"`` for the newest one in the output folder.
     """
+    checkpoint = preflight(cfg, resume, output_dir)
     trainer, resolved = build_trainer(cfg, output_dir=output_dir, max_steps=max_steps,
                                       stop_after_steps=stop_after_steps)
-    checkpoint = None
-    if resume == "last":
-        checkpoint = last_checkpoint(trainer.args.output_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume last: no checkpoint-* folder in {trainer.args.output_dir}")
-    elif resume:
-        checkpoint = str(resume)
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+    if checkpoint is not None:
+        check_launch(checkpoint, resolved)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     finished = (stop_after_steps is None or trainer.state.global_step < stop_after_steps
                 or trainer.state.global_step >= trainer.state.max_steps)
