@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atp_repro import numerics
 from atp_repro.atp import has_atp, load_atp_pretrained, token_counts
 from atp_repro.atp.api import ATP_CONFIG_FILE, ATP_WEIGHTS_FILE, _language_model
 from atp_repro.real.tiny_world import write_tiny_world
@@ -203,12 +204,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(config: Path, output_dir: Path, *extra: str) -> dict:
+def _torchrun(config: Path, output_dir: Path, *extra: str, native_numerics: bool = False) -> dict:
     """``torchrun --nproc_per_node 2 -m atp_repro train --config ...``; the run's summary file."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), "-m", "atp_repro", "train", "--config", str(config), "--output-dir",
                str(output_dir), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if native_numerics:  # the CPU's own code paths (bf16 kernels), not the pinned AVX2 ones
+        env = {k: v for k, v in env.items() if k not in numerics.PINNED_ENV}
+        env[numerics.MODE_ENV_VAR] = "native"
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads((output_dir / SUMMARY_FILE).read_text())
@@ -272,3 +276,24 @@ def test_the_saved_model_reloads_with_trained_thresholds_and_generates(zero3_run
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert token_counts(model).shape == (1, 4)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _cpu_has_fast_bf16(), reason="bf16 training needs a CPU with AVX512-BF16 or AMX")
+def test_zero3_trains_in_bf16_as_the_shipped_config_asks(tmp_path):
+    """The real config trains in bf16: the model's weights are bf16 under DeepSpeed, and the ATP modules,
+    created after loading, must be too (ZeRO-3 flattens every parameter into one dtype)."""
+    import yaml
+
+    config = write_tiny_world(tmp_path, world_size=2, zero_stage=3, save_steps=100)
+    data = yaml.safe_load(config.read_text())
+    data["training"]["precision"] = "bf16"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    summary = _torchrun(config, tmp_path / "out", native_numerics=True)
+    assert summary["precision"] == "bf16" and summary["zero_stage"] == 3
+    assert summary["global_step"] == 5 and all(math.isfinite(x) for x in summary["logged_losses"])
