@@ -412,4 +412,15 @@ def train_from_config(cfg: TrainingConfig, *, resume: str | None = None, output_
     if trainer.args.should_save:
         paths.atomic_write_text(Path(trainer.args.output_dir) / SUMMARY_FILE,
                                 json.dumps(summary, indent=2, default=str, allow_nan=True))
+    end_process_group()
     return summary
+
+
+def end_process_group() -> None:
+    """Wait for every process, then take the process group down before the interpreter exits (a process that
+    exits while gloo's threads still run can abort with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
