@@ -189,13 +189,13 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
             raise LlavaDataError(f"{self.json_path}: expected a JSON list of samples, got {type(samples).__name__}")
         # Every sample is encoded once to check it; only its length is kept, and the ids are made again
         # when the sample is read (665k encoded samples would hold ~10 GB of Python ints).
-        self.samples: list[dict] = []
+        kept: list[dict] = []
         lengths: list[int] = []
         self.skipped: Counter[str] = Counter()
         for index, sample in enumerate(samples):
             try:
                 lengths.append(len(self._encode(sample)[0]))
-                self.samples.append(sample)
+                kept.append(sample)
             except ValueError as err:
                 sid = sample.get("id") if isinstance(sample, dict) else None
                 where = f"{self.json_path}: sample {index}" + (f" (id {sid})" if sid is not None else "")
@@ -205,12 +205,26 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
         if self.skipped:
             logger.warning("%s: skipped %d of %d samples: %s", self.json_path, sum(self.skipped.values()),
                            len(samples), dict(self.skipped))
-        if not self.samples:
+        if not kept:
             raise LlavaDataError(f"{self.json_path}: no usable sample (skipped: {dict(self.skipped)})")
-        if sum(self.skipped.values()) > len(self.samples):  # more bad than good: a wrong path, not a few bad samples
+        if sum(self.skipped.values()) > len(kept):  # more bad than good: a wrong path, not a few bad samples
             raise LlavaDataError(f"{self.json_path}: {sum(self.skipped.values())} of {len(samples)} samples would be "
                                  f"skipped ({dict(self.skipped)}); check data.image_folder and the file")
         self.lengths = np.asarray(lengths, dtype=np.int32)
+        # The kept samples as one byte buffer and offsets, not 665k Python dicts: data-loader workers
+        # share it (a list of dicts is copied page by page into every worker as reference counts change).
+        blobs = [json.dumps(sample, separators=(",", ":")).encode() for sample in kept]
+        self._offsets = np.cumsum([0, *map(len, blobs)], dtype=np.int64)
+        self._blob = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def sample(self, index: int) -> dict:
+        """The ``index``-th kept sample, as in the JSON file."""
+        return json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]].tobytes())
+
+    @property
+    def samples(self) -> list[dict]:
+        """Every kept sample (decoded; for inspection, not for training loops)."""
+        return [self.sample(i) for i in range(len(self))]
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -268,7 +282,7 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
     # -- Dataset ----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.lengths)
 
     def _pixel_values(self, relative: str) -> torch.Tensor:
         from PIL import Image
@@ -291,8 +305,9 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
                 "pixel_values": torch.zeros(3, height, width)}
 
     def __getitem__(self, index: int) -> dict:
-        input_ids, labels = self._encode(self.samples[index])
-        image = self.samples[index].get("image")
+        sample = self.sample(index)
+        input_ids, labels = self._encode(sample)
+        image = sample.get("image")
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
                 "pixel_values": None if image is None else self._pixel_values(str(image))}
 
