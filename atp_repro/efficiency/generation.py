@@ -61,7 +61,7 @@ from .models import (
     timing_inputs,
     timing_model_config,
 )
-from .strategies import DTYPES, BenchConfigError, _shared_copy, resolve_dtype, resolve_fast_backend
+from .strategies import BenchConfigError, RunSettings, _is_int, _shared_copy, resolve_fast_backend
 from .timing import environment_facts, summarize
 
 __all__ = ["GenerationConfig", "GenerationConfigError", "GenerationResult", "GEN_STRATEGIES", "generation_inputs",
@@ -80,12 +80,8 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise GenerationConfigError(name, f"GenerationConfig.{name}={value!r} is invalid: expected {allowed}.")
 
 
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 @dataclass(frozen=True)
-class GenerationConfig:
+class GenerationConfig(RunSettings):
     """What to time.
 
     Attributes:
@@ -134,32 +130,9 @@ class GenerationConfig:
                              num_vision=m.num_vision)
         except (ValueError, TypeError) as err:
             raise GenerationConfigError("average_tokens", f"GenerationConfig.average_tokens: {err}") from None
-        if self.dtype not in ("auto", *DTYPES):
-            _fail("dtype", self.dtype, f"one of {('auto', *DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _fail("device", self.device, "one of ('auto', 'cpu', 'cuda')")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            _fail("device", self.device, "'auto' or 'cpu' (CUDA is not available here)")
-        if self.fast_backend not in ("auto", "sdpa", "flash_attention_2"):
-            _fail("fast_backend", self.fast_backend, "one of ('auto', 'sdpa', 'flash_attention_2')")
-        if not _is_int(self.warmup, 0):
-            _fail("warmup", self.warmup, "an int >= 0")
-        if not _is_int(self.repeats, 1):
-            _fail("repeats", self.repeats, "an int >= 1")
-        if self.threads is not None and not _is_int(self.threads, 1):
-            _fail("threads", self.threads, "None or an int >= 1")
+        self.check_run_settings(_fail)
         if not _is_int(self.calibration_iterations, 1):
             _fail("calibration_iterations", self.calibration_iterations, "an int >= 1")
-
-    @property
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[resolve_dtype(self.dtype, self.resolved_device)]
 
     @property
     def fixed_keep(self) -> tuple[int, ...]:

@@ -111,8 +111,43 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise BenchConfigError(name, f"BenchConfig.{name}={value!r} is invalid: expected {allowed}.")
 
 
+class RunSettings:
+    """What a timing config shares (``fast_backend``, ``dtype``, ``device``, ``warmup``, ``repeats``,
+    ``threads``): their checks and resolved values. ``fail(name, value, allowed)`` raises the config's error."""
+
+    def check_run_settings(self, fail) -> None:
+        if self.fast_backend not in FAST_BACKENDS:
+            fail("fast_backend", self.fast_backend, f"one of {FAST_BACKENDS}")
+        if self.dtype not in ("auto", *DTYPES):
+            fail("dtype", self.dtype, f"one of {('auto', *DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            fail("device", self.device, "one of ('auto', 'cpu', 'cuda')")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            fail("device", self.device, "'auto' or 'cpu' (CUDA is not available here)")
+        if not _is_int(self.warmup, 0):
+            fail("warmup", self.warmup, "an int >= 0")
+        if not _is_int(self.repeats, 1):
+            fail("repeats", self.repeats, "an int >= 1")
+        if self.threads is not None and not _is_int(self.threads, 1):
+            fail("threads", self.threads, "None or an int >= 1")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[resolve_dtype(self.dtype, self.resolved_device)]
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(RunSettings):
     """What to time.
 
     Attributes:
@@ -171,20 +206,7 @@ class BenchConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if not self.strategies or unknown or len(set(self.strategies)) != len(self.strategies):
             _fail("strategies", self.strategies, f"distinct names from {list(STRATEGIES)}")
-        if self.fast_backend not in FAST_BACKENDS:
-            _fail("fast_backend", self.fast_backend, f"one of {FAST_BACKENDS}")
-        if self.dtype not in ("auto", *DTYPES):
-            _fail("dtype", self.dtype, f"one of {('auto', *DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _fail("device", self.device, "one of ('auto', 'cpu', 'cuda')")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            _fail("device", self.device, "'auto' or 'cpu' (CUDA is not available here)")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            _fail("warmup", self.warmup, "an int >= 0")
-        if not isinstance(self.repeats, int) or self.repeats < 1:
-            _fail("repeats", self.repeats, "an int >= 1")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            _fail("threads", self.threads, "None or an int >= 1")
+        self.check_run_settings(_fail)
         if self.baselines:
             from atp_repro.baselines import METHODS, VISION_SIDE_METHODS, stage_counts
 
@@ -211,12 +233,6 @@ class BenchConfig:
                   "flash-attn package)")
 
     @property
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    @property
     def resolved_fixed_keep(self) -> tuple[int, ...] | None:
         if self.fixed_keep is not None:
             return self.fixed_keep
@@ -225,10 +241,6 @@ class BenchConfig:
         m = self.model
         return solve_fixed_keep(self.average_tokens, module_layers=m.module_layers, num_layers=m.num_layers,
                                 num_vision=m.num_vision)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[resolve_dtype(self.dtype, self.resolved_device)]
 
     def replace(self, **changes: Any) -> BenchConfig:
         return dataclasses.replace(self, **changes)
