@@ -185,11 +185,11 @@ def test_resume_last_skips_an_interrupted_save_and_refuses_another_launch(single
             (folder / train.COMPLETE_MARKER).write_text("{}")
             (folder / train.LAUNCH_FILE).write_text(json.dumps({"processes": 2, "zero_stage": 3}))
     cfg = load_training_config(single_world)
-    assert train.preflight(cfg, "last", str(out)) == str(out / "checkpoint-2")
+    assert train.resume_checkpoint(cfg, "last", str(out)) == str(out / "checkpoint-2")
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
-        train.preflight(cfg, str(out / "checkpoint-4"), str(out))
+        train.resume_checkpoint(cfg, str(out / "checkpoint-4"), str(out))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        train.preflight(cfg, "last", str(tmp_path / "empty"))
+        train.resume_checkpoint(cfg, "last", str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="resume it with the same number of processes"):
         train.check_launch(out / "checkpoint-2", {"processes": 1, "zero_stage": 0})
     train.check_launch(out / "checkpoint-2", {"processes": 2, "zero_stage": 3})

@@ -286,7 +286,7 @@ class StopAfter(TrainerCallback):
 def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_steps: int | None = None,
                   stop_after_steps: int | None = None) -> tuple[ATPTrainer, dict]:
     """Everything a run needs: arguments, model with ATP, data, trainer; and the resolved settings."""
-    preflight(cfg, None, output_dir)
+    check_inputs(cfg)
     args, resolved = training_arguments(cfg, output_dir=output_dir, max_steps=max_steps)
     # Half-precision weights only under DeepSpeed, which keeps fp32 master copies in its optimizer; otherwise
     # fp32 weights and autocast (AdamW on bf16 weights would lose most updates at lr 2e-5).
@@ -355,9 +355,9 @@ def check_launch(checkpoint: str | Path, resolved: dict) -> None:
                          f"with the same number of processes and DeepSpeed setting")
 
 
-def preflight(cfg: TrainingConfig, resume: str | None, output_dir: str | None) -> str | None:
-    """Checks that need no weights, before any are loaded: data files, model sizes from config.json, the
-    checkpoint to resume from. Returns the checkpoint folder (or None)."""
+def check_inputs(cfg: TrainingConfig) -> None:
+    """Checks that need no weights, before any are loaded: the model folder, the data files, and the model's
+    sizes read from its config.json against the config's."""
     from .loading import check_model_folder
 
     folder = check_model_folder(cfg.model.name_or_path)
@@ -376,6 +376,11 @@ def preflight(cfg: TrainingConfig, resume: str | None, output_dir: str | None) -
     for key, got in sizes.items():
         if got is not None and got != cfg.get(key):
             raise ValueError(f"{key}={cfg.get(key)} in the config, but the model at {cfg.model.name_or_path} has {got}")
+
+
+def resume_checkpoint(cfg: TrainingConfig, resume: str | None, output_dir: str | None) -> str | None:
+    """The checkpoint folder ``--resume`` names (``last``: the newest complete one), checked before any
+    weights are loaded; None without ``resume``."""
     if resume is None:
         return None
     out = paths.resolve(output_dir or (cfg.run or _default_run(cfg)).output_dir)
@@ -395,7 +400,7 @@ def train_from_config(cfg: TrainingConfig, *, resume: str | None = None, output_
 
     ``resume``: a checkpoint folder, or ``"last"`` for the newest one in the output folder.
     """
-    checkpoint = preflight(cfg, resume, output_dir)
+    checkpoint = resume_checkpoint(cfg, resume, output_dir)
     trainer, resolved = build_trainer(cfg, output_dir=output_dir, max_steps=max_steps,
                                       stop_after_steps=stop_after_steps)
     if checkpoint is not None:
