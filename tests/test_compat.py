@@ -205,19 +205,20 @@ def test_fullgraph_compile_is_a_documented_limitation():
 
 
 def test_an_unsupported_model_class_is_refused_at_apply_time_naming_it():
-    """Qwen2-VL's decoder has ``layers`` and ``rotary_emb`` like LLaVA's but 3-D M-RoPE positions: refused
-    before anything changes, not a crash in forward."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    """LLaVA-NeXT's decoder has ``layers`` and ``rotary_emb`` like LLaVA's, but its image spans vary with the
+    image's aspect ratio (anyres tiles plus newline tokens): refused before anything changes, not a crash or
+    a wrong pruning in forward."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                     "num_attention_heads": 4, "num_key_value_heads": 4,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 4,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2},
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=4),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4),
+        image_grid_pinpoints=[[32, 32]], image_token_id=4,
     )
-    model = Qwen2VLForConditionalGeneration(config)
+    model = LlavaNextForConditionalGeneration(config)
     lm_class = type(model.model.language_model)
-    with pytest.raises(TypeError, match="does not support Qwen2VLForConditionalGeneration; supported: Llava"):
+    with pytest.raises(TypeError, match="does not support LlavaNextForConditionalGeneration; supported: Llava"):
         apply_atp(model, ATPConfig(module_layers=(1,)))
     assert type(model.model.language_model) is lm_class and not hasattr(model.model.language_model, "atp_modules")

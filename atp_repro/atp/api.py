@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from ..paths import atomic_write_bytes
+from .architectures import LLAVA, architecture_of, merged_image_grids
 from .config import ATPConfig
 from .language_model import ATPRecord, ATPRuntime, atp_language_model_class
 from .loss import budget_terms
@@ -23,19 +24,6 @@ from .module import ATPModule
 
 ATP_CONFIG_FILE = "atp_config.json"
 ATP_WEIGHTS_FILE = "atp_modules.pt"
-
-
-SUPPORTED = "LlavaForConditionalGeneration (LLaVA-1.5 layout: one image span per sample, 1-D positions)"
-
-
-def _check_supported(model: nn.Module) -> None:
-    """Only transformers' LLaVA class (and its subclasses): other VLMs with a decoder of the same shape
-    (Qwen2-VL's M-RoPE 3-D positions, LLaVA-NeXT's tiled spans, ...) would be accepted by the shape
-    test below and then fail or prune wrongly in forward."""
-    from transformers import LlavaForConditionalGeneration
-
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"apply_atp does not support {type(model).__name__}; supported: {SUPPORTED}")
 
 
 def _language_model(model: nn.Module) -> nn.Module:
@@ -65,7 +53,8 @@ def _grid_size_hint(model: nn.Module) -> int:
 
 
 def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
-    """Add ATP modules in place to a ``LlavaForConditionalGeneration`` and return it.
+    """Add ATP modules in place to a ``LlavaForConditionalGeneration`` (or a Qwen2-VL / Qwen2.5-VL
+    ``...ForConditionalGeneration``, see :mod:`atp_repro.atp.architectures`) and return it.
 
     The language model's class is swapped for an ATP subclass (same weights, same state-dict keys
     plus ``atp_modules.*``). ``model.train()`` then runs the soft path, ``model.eval()`` hard
@@ -74,7 +63,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     """
     if not isinstance(config, ATPConfig):
         raise TypeError(f"config must be an ATPConfig, got {type(config).__name__}")
-    _check_supported(model)
+    family = architecture_of(model)
     lm = _language_model(model)
     if getattr(lm, "_atp_runtime", None) is not None:
         raise ValueError("ATP modules were already applied to this model")
@@ -84,6 +73,8 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
             f"ATPConfig.module_layers={config.module_layers} is outside the model's depth: a module must sit "
             f"after a layer in 0..{num_layers - 2} (the model has {num_layers} decoder layers)"
         )
+    if family != LLAVA:
+        _check_mrope_model(lm, config)
     if config.position_encoding == "rope2d" and not hasattr(lm.rotary_emb, "inv_freq"):
         raise ValueError("position_encoding='rope2d' needs a rotary embedding with `inv_freq`")
     image_token_id = getattr(model.config, "image_token_id", None)
@@ -93,7 +84,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     # LLaVA-NeXT-style inputs hold several side x side tiles per image (config.image_seq_length)
     seq_length = getattr(model.config, "image_seq_length", None) or 0
     num_vision = seq_length if seq_length > side * side and seq_length % (side * side) == 0 else side * side
-    if config.fixed_keep is not None and max(config.fixed_keep) > num_vision:
+    if family == LLAVA and config.fixed_keep is not None and max(config.fixed_keep) > num_vision:
         raise ValueError(f"ATPConfig.fixed_keep={config.fixed_keep} keeps more than the model's {num_vision} vision "
                          f"tokens; allowed: counts in 0..{num_vision}")
 
@@ -105,8 +96,8 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     # transformers keys its output-capture registry by class: register the new class.
     _CAN_RECORD_REGISTRY[lm] = lm._can_record_outputs
     # tiles only when the config says so: a square span of any size is read as one grid, as before
-    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id),
-                         tile_side=side if num_vision > side * side else None)
+    runtime = ATPRuntime(config=config, image_token_id=int(image_token_id), architecture=family,
+                         tile_side=side if family == LLAVA and num_vision > side * side else None)
     lm._atp_runtime = runtime
     # save_pretrained writes the stock checkpoint (a stock from_pretrained loads it without unexpected
     # keys); the ATP modules live in their own files beside it (save_atp / save_atp_pretrained).
@@ -121,6 +112,16 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     return model
 
 
+def _check_mrope_model(lm: nn.Module, config: ATPConfig) -> None:
+    """What ATP supports on an M-RoPE model (Qwen2-VL family), checked before any change to the model."""
+    if config.position_encoding != "original":
+        raise ValueError(f"position_encoding={config.position_encoding!r} is not supported on M-RoPE models, whose "
+                         "vision tokens already carry (row, column) positions that pruning keeps; allowed: 'original'")
+    if "sliding_attention" in (getattr(lm.config, "layer_types", None) or ()):
+        raise ValueError("ATP does not support sliding-window attention layers (config.use_sliding_window); "
+                         "allowed: full attention in every layer")
+
+
 def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
     """Forward pre-hook of the LLaVA model: where the image tokens are (read by the ATP decoder).
 
@@ -130,6 +131,8 @@ def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
     token's.
     """
     runtime = module.language_model._atp_runtime
+    if runtime.architecture != LLAVA:
+        _remember_image_grids(module, runtime, kwargs)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     reference = input_ids if input_ids is not None else embeds
@@ -142,6 +145,18 @@ def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
     else:
         token = torch.tensor(runtime.image_token_id, dtype=torch.long, device=embeds.device)
         runtime.pending_image_mask = (embeds == module.get_input_embeddings()(token)).all(-1)
+
+
+def _remember_image_grids(module: nn.Module, runtime: ATPRuntime, kwargs) -> None:
+    """M-RoPE models: each image's (t, h, w) grid in the decoder's units, from ``image_grid_thw``."""
+    if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
+        raise ValueError("ATP prunes image tokens; video inputs (pixel_values_videos / video_grid_thw) are not "
+                         "supported")
+    grid_thw = kwargs.get("image_grid_thw")
+    if grid_thw is None:  # generate encodes the images first and passes them without their grids
+        grid_thw = runtime.generate_image_grid_thw
+    merge = module.config.vision_config.spatial_merge_size
+    runtime.pending_image_grids = None if grid_thw is None else merged_image_grids(grid_thw, merge)
 
 
 ANSWER_MASK_KWARG = "atp_answer_mask"
@@ -174,7 +189,8 @@ def _remember_answers(module: nn.Module, args, kwargs):
 class ATPGenerate:
     """``model.generate`` after :func:`apply_atp`: the model class's ``generate``, with the prompt length
     recorded, so that without a KV cache generated tokens are treated as answers and excluded from the
-    cross-modality queries (as at training).
+    cross-modality queries (as at training), and, for M-RoPE models, the images' grids (``generate``
+    encodes the images first and passes the model their features without ``image_grid_thw``).
 
     An object holding its model (not a closure or a bound function), so that ``copy.deepcopy`` and
     pickling give a copy whose ``generate`` runs the copy.
@@ -188,10 +204,12 @@ class ATPGenerate:
         runtime = _runtime(self.model)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
+        runtime.generate_image_grid_thw = kwargs.get("image_grid_thw")
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
         finally:
             runtime.prompt_length = None
+            runtime.generate_image_grid_thw = None
 
 
 def has_atp(model: nn.Module) -> bool:

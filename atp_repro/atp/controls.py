@@ -31,11 +31,13 @@ def van_der_corput(n: int) -> torch.Tensor:
     return out
 
 
-def control_scores(kind: str, grid_size: int, strides: tuple[int, ...], lambda_sample: float) -> torch.Tensor:
-    """(G*G,) float scores (higher = kept first) of every grid position, row-major."""
-    n = grid_size * grid_size
+def control_scores(kind: str, grid_size: int, strides: tuple[int, ...], lambda_sample: float,
+                   width: int | None = None) -> torch.Tensor:
+    """(H*W,) float scores (higher = kept first) of every position of a ``grid_size`` x ``width`` grid
+    (square by default), row-major."""
+    n = grid_size * (grid_size if width is None else width)
     if kind == "uniform":
-        level = spatial_scores(grid_size, strides, lambda_sample).double()  # in [0, 1)
+        level = spatial_scores(grid_size, strides, lambda_sample, width).double()  # in [0, 1)
         # Level gaps are >= lambda_sample * (1/s^2 - 1/s'^2) > 1e-3 for strides up to 24; the
         # tie-break stays below that.
         return (level + 1e-4 * (1.0 - van_der_corput(n))).float()

@@ -28,6 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
+from .architectures import LLAVA, decoder_positions
 from .attention import ScoreRequest, resolve_scoring_backend, scoring_attention
 from .clock import OverheadClock
 from .config import ATPConfig
@@ -58,9 +59,12 @@ class ATPRecord:
     self_importance: list[torch.Tensor]  # [module] -> (B, L_stage) raw self-modality importance
     cross_importance: list[torch.Tensor]  # [module] -> (B, L_stage) raw cross-modality importance
     vision_positions: list[torch.Tensor]  # [module] -> (B, L_stage) original grid index per position, -1 for text
-    grid_size: int
+    grid_size: int  # side of the square grid (LLaVA); 0 when every image has its own grid (M-RoPE)
     soft: bool
     clock: OverheadClock = field(repr=False)
+    # M-RoPE only: [sample] -> (t, h, w) of each of its images, in order; a sample's vision index runs
+    # over its images one after another (row-major in each)
+    image_grids: list[list[tuple[int, int, int]]] | None = None
 
     @property
     def overhead_seconds(self) -> float:
@@ -84,7 +88,10 @@ class ATPRuntime:
 
     config: ATPConfig
     image_token_id: int
+    architecture: str = LLAVA  # see atp_repro.atp.architectures
     pending_image_mask: torch.Tensor | None = None
+    pending_image_grids: list[tuple[int, int, int]] | None = None  # M-RoPE: (t, h, w) per image of the batch
+    generate_image_grid_thw: torch.Tensor | None = None  # M-RoPE: image_grid_thw given to a running generate
     pending_answer_mask: torch.Tensor | None = None
     prompt_length: int | None = None
     tile_side: int | None = None  # set when the config's image spans are several G x G tiles (see vision_grid)
@@ -95,7 +102,8 @@ class ATPRuntime:
         """Deep copies and pickles of a model start without the original's last pass: the record holds
         graph tensors (which cannot be copied) and belongs to the original; pending inputs and cache
         states too."""
-        return functools.partial(ATPRuntime, tile_side=self.tile_side), (self.config, self.image_token_id)
+        return (functools.partial(ATPRuntime, tile_side=self.tile_side, architecture=self.architecture),
+                (self.config, self.image_token_id))
 
 
 @dataclass
@@ -103,11 +111,11 @@ class _Sequence:
     """Per-position bookkeeping that travels with the (possibly compacted) sequence, all (B, L...)."""
 
     hidden: torch.Tensor
-    position_ids: torch.Tensor
+    position_ids: torch.Tensor  # 1-D (text) positions, for the masks and the layers' position_ids
     cos: torch.Tensor
     sin: torch.Tensor
     valid: torch.Tensor  # not padding
-    grid_index: torch.Tensor  # original row-major grid index of vision tokens, -1 for text / padding
+    grid_index: torch.Tensor  # index among the sample's vision tokens (row-major grid index), -1 for text / padding
     is_prompt: torch.Tensor  # text after the image that is not an answer
     original_index: torch.Tensor  # position in the input sequence
 
@@ -125,23 +133,97 @@ class _Sequence:
         self.is_prompt = self.is_prompt & valid
 
 
-def _vision_layout(image_mask: torch.Tensor, valid: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Validate one contiguous, equally sized image span per sample with an image; return V, grid index,
-    span end (-1 for a text-only sample, whose tokens all pass through unpruned)."""
+@dataclass
+class _VisionLayout:
+    """Where each sample's vision tokens are and how they lie on image grids."""
+
+    counts: torch.Tensor  # (B,) vision tokens per sample (0: text only; those pass through unpruned)
+    grid_index: torch.Tensor  # (B, L) index among the sample's vision tokens, -1 for text
+    first: torch.Tensor  # (B,) position of the first vision token, -1 for a text-only sample
+    spatial: torch.Tensor  # (B, N) spatial score S_s of each vision index (N >= 1)
+    control: torch.Tensor | None  # (B, N) control scores (uniform / random importance), else None
+    grid: int  # side of the square grid (LLaVA), 0 for per-image grids
+    tiles: int
+    image_grids: list[list[tuple[int, int, int]]] | None  # M-RoPE: [sample] -> (t, h, w) per image
+
+
+def _vision_index(image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) index of each vision token among its sample's, -1 for text; (B,) first vision position or -1."""
+    positions = torch.arange(image_mask.shape[-1], device=image_mask.device)
+    grid_index = torch.where(image_mask, torch.cumsum(image_mask.long(), -1) - 1, -1)
+    first = torch.where(image_mask, positions, image_mask.shape[-1]).amin(-1)
+    return grid_index, torch.where(image_mask.any(-1), first, -1)
+
+
+def _vision_layout(runtime: ATPRuntime, image_mask: torch.Tensor, valid: torch.Tensor,
+                   image_grids: list[tuple[int, int, int]] | None) -> _VisionLayout:
+    """Validate the image spans and build each sample's spatial scores.
+
+    LLaVA: one contiguous, equally sized span per sample with an image (a square grid or tiles).
+    M-RoPE: any number of spans per sample, matched in order with ``image_grids`` (one per image of
+    the batch, batch-major, as ``image_grid_thw``); each is scored on its own h x w grid."""
+    if bool((image_mask & ~valid).any()):
+        raise ValueError("attention_mask marks image tokens as padding")
+    cfg = runtime.config
     counts = image_mask.sum(-1)
+    grid_index, first = _vision_index(image_mask)
+    device = image_mask.device
+
+    def tables(h: int, w: int, repeat: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spatial = spatial_scores(h, cfg.grid_strides, cfg.lambda_sample, w).repeat(repeat)
+        if cfg.importance not in CONTROL_IMPORTANCES:
+            return spatial, None
+        return spatial, control_scores(cfg.importance, h, cfg.grid_strides, cfg.lambda_sample, w).repeat(repeat)
+
+    if runtime.architecture != LLAVA:
+        if image_grids is None:
+            raise ValueError("ATP on an M-RoPE model needs image_grid_thw with the image tokens")
+        rows, per_sample, images = [], [], iter(image_grids)
+        for b in range(image_mask.shape[0]):
+            spans = _spans(image_mask[b])
+            grids = []
+            for length in spans:
+                t, h, w = next(images, (0, 0, 0))
+                if t * h * w != length:
+                    raise ValueError(f"sample {b}: an image span of {length} tokens does not match its "
+                                     f"image_grid_thw entry (t, h, w after merging) = {(t, h, w)}")
+                grids.append((t, h, w))
+            per_sample.append(grids)
+            rows.append([tables(h, w, t) for t, h, w in grids])
+        if next(images, None) is not None:
+            raise ValueError(f"image_grid_thw has {len(image_grids)} images, the input ids hold fewer image spans")
+        width = max(1, int(counts.max()))
+        spatial = torch.zeros(len(rows), width)
+        control = torch.zeros(len(rows), width) if cfg.importance in CONTROL_IMPORTANCES else None
+        for b, images_of_sample in enumerate(rows):
+            if images_of_sample:
+                spatial[b, : counts[b]] = torch.cat([sp for sp, _ in images_of_sample])
+                if control is not None:
+                    control[b, : counts[b]] = torch.cat([c for _, c in images_of_sample])
+        return _VisionLayout(counts, grid_index, first, spatial.to(device),
+                             None if control is None else control.to(device), 0, 1, per_sample)
+
     with_image = counts > 0
     num_vision = int(counts.max())
     if not bool((counts[with_image] == num_vision).all()):
         raise ValueError(f"ATP needs the same number of image tokens per sample with an image; got {counts.tolist()}")
-    positions = torch.arange(image_mask.shape[-1], device=image_mask.device)
-    first = torch.where(image_mask, positions, image_mask.shape[-1]).amin(-1)
-    last = torch.where(image_mask, positions, -1).amax(-1)
+    last = torch.where(image_mask, torch.arange(image_mask.shape[-1], device=device), -1).amax(-1)
     if not bool((last - first + 1 == counts)[with_image].all()):
         raise ValueError("ATP needs one contiguous image token span per sample (multi-image inputs are not supported)")
-    if bool((image_mask & ~valid).any()):
-        raise ValueError("attention_mask marks image tokens as padding")
-    grid_index = torch.where(image_mask, torch.cumsum(image_mask.long(), -1) - 1, -1)
-    return num_vision, grid_index, last
+    grid, tiles = vision_grid(num_vision, runtime.tile_side)
+    # one table per tile, repeated: every tile is sampled by the same nested grids
+    spatial, control = tables(grid, grid, tiles)
+    batch = image_mask.shape[0]
+    return _VisionLayout(counts, grid_index, first, spatial.to(device).expand(batch, -1),
+                         None if control is None else control.to(device).expand(batch, -1), grid, tiles, None)
+
+
+def _spans(mask: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool tensor, in order."""
+    padded = torch.cat([mask.new_zeros(1), mask, mask.new_zeros(1)]).long()
+    edges = torch.diff(padded)
+    starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+    return (ends - starts).tolist()
 
 
 def text_raters(embeds: torch.Tensor, image_mask: torch.Tensor, is_prompt: torch.Tensor) -> torch.Tensor:
@@ -171,7 +253,7 @@ def _vision_columns(is_vision: torch.Tensor) -> slice:
 
 
 def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, cache, use_cache, image_mask,
-             answer_mask, kwargs):
+             answer_mask, image_grids, kwargs):
     cfg = runtime.config
     batch, length, _ = embeds.shape
     device = embeds.device
@@ -181,8 +263,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
         raise ValueError("ATP needs a 2-D (batch, seq) padding attention_mask, not a custom 4-D mask")
     valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool,
                                                                                device=device)
-    num_vision, grid_index, image_end = _vision_layout(image_mask, valid)
-    grid, tiles = vision_grid(num_vision, runtime.tile_side)
+    layout = _vision_layout(runtime, image_mask, valid, image_grids)
+    grid, tiles = layout.grid, layout.tiles
     if tiles > 1 and cfg.position_encoding == "learned2d":
         raise ValueError(f"position_encoding='learned2d' has one {grid} x {grid} grid of embeddings; this input has "
                          f"{tiles} tiles of image tokens; use 'original' or 'rope2d'")
@@ -191,16 +273,17 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
         answer_mask = torch.zeros_like(valid)
         if runtime.prompt_length is not None:  # generation without cache: generated tokens are answers
             answer_mask = answer_mask | (positions >= runtime.prompt_length)
-    is_prompt = valid & (grid_index < 0) & (positions > image_end[:, None]) & ~answer_mask.bool()
+    # prompt: text after the (first) image that is not an answer
+    is_prompt = valid & (layout.grid_index < 0) & (positions > layout.first[:, None]) & ~answer_mask.bool()
 
     raters = text_raters(embeds, image_mask, is_prompt) if cfg.importance == "raters" else None
 
-    position_ids = position_ids.expand(batch, -1)
-    cos, sin = model.rotary_emb(embeds, position_ids=position_ids)
-    seq = _Sequence(embeds, position_ids, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), valid, grid_index,
-                    is_prompt, positions.expand(batch, -1))
+    rope_ids, position_ids = decoder_positions(runtime.architecture, position_ids, batch, length, 0, device)
+    cos, sin = model.rotary_emb(embeds, position_ids=rope_ids)  # (B or 1, L, hd) each, M-RoPE included
+    seq = _Sequence(embeds, position_ids, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), valid,
+                    layout.grid_index, is_prompt, positions.expand(batch, -1))
     # (a text-only sample has no image start; its index is clamped, the value is never used)
-    image_start = torch.gather(position_ids, 1, (image_end - num_vision + 1).clamp_min(0)[:, None]).squeeze(1)
+    image_start = torch.gather(position_ids, 1, layout.first.clamp_min(0)[:, None]).squeeze(1)
     mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
                               position_ids=position_ids)
 
@@ -213,12 +296,8 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
     keep_value = torch.ones(batch, length, device=device) if soft else None
     keep_surrogate = None  # straight-through only: the smooth keep values the attention bias differentiates
     use_eager = resolve_scoring_backend(cfg.scoring_backend, model.config._attn_implementation)
-    # one table per tile, repeated: every tile is sampled by the same nested grids
-    spatial_table = spatial_scores(grid, cfg.grid_strides, cfg.lambda_sample).repeat(tiles).to(device)
-    control_table = (control_scores(cfg.importance, grid, cfg.grid_strides, cfg.lambda_sample).repeat(tiles).to(device)
-                     if cfg.importance in CONTROL_IMPORTANCES else None)
     module_at = {layer: m for m, layer in enumerate(cfg.module_layers)}
-    stage_counts = [image_mask.sum(-1).float()]  # N_0 per sample (0 for a text-only sample)
+    stage_counts = [layout.counts.float()]  # N_0 per sample (0 for a text-only sample)
     kept, thresholds, redundancy, stages = [], [], [], []
     self_scores, cross_scores, layouts = [], [], []
     clock = OverheadClock(device)
@@ -251,11 +330,12 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
         with scoring_attention(model.config, layer, request):  # the scores themselves are timed inside
             seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
         with clock.region("decide_and_compact"):
-            spatial = torch.where(is_vision, spatial_table[seq.grid_index.clamp_min(0)], 0.0)
-            control = (None if control_table is None
-                       else torch.where(is_vision, control_table[seq.grid_index.clamp_min(0)], 0.0))
+            index = seq.grid_index.clamp_min(0)
+            spatial = torch.where(is_vision, torch.gather(layout.spatial, 1, index), 0.0)
+            control = (None if layout.control is None
+                       else torch.where(is_vision, torch.gather(layout.control, 1, index), 0.0))
             decision = module.decide(request.column_sums, vision_weight, prompt_weight, spatial, is_vision, alive,
-                                     num_vision, keep_value, keep_surrogate, control)
+                                     stage_counts[0], keep_value, keep_surrogate, control)
             thresholds.append((decision.theta_r, decision.theta_s))
             redundancy.append(decision.redundancy)
             self_scores.append(decision.self_importance)
@@ -297,7 +377,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
                                       model.config.num_hidden_layers).round().long(),
         kept_vision_indices=kept, thresholds=thresholds, redundancy=redundancy, self_importance=self_scores,
         cross_importance=cross_scores, vision_positions=layouts, grid_size=grid, soft=soft,
-        clock=clock,
+        clock=clock, image_grids=layout.image_grids,
     )
     if cache is not None:
         runtime.cache_states[cache] = _PrunedCacheState(length, stages, soft)
@@ -335,8 +415,10 @@ def _decode(model, state: _PrunedCacheState, embeds, attention_mask, position_id
     if state.soft:
         raise RuntimeError("generation after a train()-mode (soft mask) prefill is not supported; call model.eval()")
     batch, q_len, _ = embeds.shape
-    position_ids = position_ids.expand(batch, -1)
-    cos, sin = model.rotary_emb(embeds, position_ids=position_ids)
+    past = cache.get_seq_length() if cache is not None else 0
+    rope_ids, position_ids = decoder_positions(model._atp_runtime.architecture, position_ids, batch, q_len, past,
+                                               embeds.device)
+    cos, sin = model.rotary_emb(embeds, position_ids=rope_ids)
     masks = [create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
                                 position_ids=position_ids)]
     first_layers = [0]
@@ -372,6 +454,7 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
     if self.training and torch.is_grad_enabled():
         _reject_reentrant_checkpointing(self)
     image_mask, runtime.pending_image_mask = runtime.pending_image_mask, None
+    image_grids, runtime.pending_image_grids = runtime.pending_image_grids, None
     answer_mask, runtime.pending_answer_mask = runtime.pending_answer_mask, None
     if image_mask is None and input_ids is not None:
         image_mask = input_ids == runtime.image_token_id
@@ -381,10 +464,6 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
         cache = DynamicCache(config=self.config)
     if cache is not None and not isinstance(cache, DynamicCache):
         raise TypeError(f"ATP shrinks the KV cache per layer and needs a DynamicCache; got {type(cache).__name__}")
-    if position_ids is None:
-        past = cache.get_seq_length() if cache is not None else 0
-        position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
-
     continuing = cache is not None and cache.get_seq_length() > 0
     if image_mask is not None and bool(image_mask.any()):
         if answer_mask is None and self.training and torch.is_grad_enabled():
@@ -395,7 +474,7 @@ def _atp_forward(self, input_ids=None, attention_mask=None, position_ids=None, c
                 "drops labels from the forward with label smoothing or a custom loss: add atp_answer_mask in the "
                 "data collator")
         hidden = _prefill(self, runtime, inputs_embeds, attention_mask, position_ids, cache, use_cache, image_mask,
-                          answer_mask, kwargs)
+                          answer_mask, image_grids, kwargs)
     else:
         # No image in this input: decoding after a prefill (a generated token equal to the image-token id is
         # text, as in the stock model: images come with pixel values), or a text-only input, which runs as

@@ -66,7 +66,7 @@ class ATPModule(nn.Module):
         spatial: torch.Tensor,
         is_vision: torch.Tensor,
         alive: torch.Tensor,
-        initial_count: int,
+        initial_count: int | torch.Tensor,
         keep_value: torch.Tensor | None,
         keep_surrogate: torch.Tensor | None = None,
         control: torch.Tensor | None = None,
@@ -79,7 +79,8 @@ class ATPModule(nn.Module):
             spatial: (B, L) spatial scores S_s (0 for text).
             is_vision: (B, L) bool, vision positions (alive or not) of real (non-padding) tokens.
             alive: (B, L) bool, vision tokens alive before this module.
-            initial_count: vision tokens per sample before any module (N_0).
+            initial_count: vision tokens per sample before any module (N_0): an int, or (B,) when samples differ
+                (dynamic resolution; 0 for a text-only sample).
             keep_value: (B, L) soft keep values D_prev (soft path) or None (hard path).
             keep_surrogate: (B, L) smooth keep values before the module (straight-through soft path).
             control: (B, L) image-independent scores that replace S_r for the ``uniform`` and
@@ -92,7 +93,7 @@ class ATPModule(nn.Module):
             redundancy = torch.where(alive, control, 0.0)
         else:
             redundancy = redundancy_score(normalised[:, 0], normalised[:, 1], self.importance)
-        kept_fraction = alive.sum(-1).float() / initial_count
+        kept_fraction = alive.sum(-1).float() / torch.as_tensor(initial_count, device=alive.device).clamp_min(1)
         # The threshold network reads the score distribution, not the scores' gradient path.
         features = threshold_features(normalised.detach(), alive, kept_fraction, self.quantiles)
         theta_r, theta_s = self.threshold_net(features)

@@ -15,27 +15,32 @@ from __future__ import annotations
 import torch
 
 
-def grid_offset(grid_size: int, strides: tuple[int, ...]) -> int:
-    """Common offset of all sampling grids: centres the sparsest grid that fits in the image."""
-    fitting = [s for s in strides if s <= grid_size] or [min(strides)]
+def grid_offset(grid_size: int, strides: tuple[int, ...], width: int | None = None) -> tuple[int, int]:
+    """Common (row, column) offset of all sampling grids on a ``grid_size`` x ``width`` grid (square
+    by default): centres the sparsest grid that fits in the image along each axis."""
+    width = grid_size if width is None else width
+    fitting = [s for s in strides if s <= min(grid_size, width)] or [min(strides)]
     sparsest = max(fitting)
-    return ((grid_size - 1) % sparsest) // 2
+    return ((grid_size - 1) % sparsest) // 2, ((width - 1) % sparsest) // 2
 
 
-def sparsest_stride(grid_size: int, strides: tuple[int, ...]) -> torch.Tensor:
-    """(G*G,) LongTensor: for each token (row-major), the largest stride of a grid containing it, 0 if none."""
-    offset = grid_offset(grid_size, strides)
-    coords = torch.arange(grid_size)
-    best = torch.zeros(grid_size, grid_size, dtype=torch.long)
+def sparsest_stride(grid_size: int, strides: tuple[int, ...], width: int | None = None) -> torch.Tensor:
+    """(H*W,) LongTensor: for each token (row-major) of a ``grid_size`` x ``width`` grid (square by
+    default), the largest stride of a grid containing it, 0 if none."""
+    width = grid_size if width is None else width
+    row_offset, col_offset = grid_offset(grid_size, strides, width)
+    rows, cols = torch.arange(grid_size), torch.arange(width)
+    best = torch.zeros(grid_size, width, dtype=torch.long)
     for stride in sorted(strides):  # ascending: later (sparser) grids overwrite
-        on_axis = (coords - offset) % stride == 0
-        on_grid = on_axis[:, None] & on_axis[None, :]
+        on_grid = ((rows - row_offset) % stride == 0)[:, None] & ((cols - col_offset) % stride == 0)[None, :]
         best = torch.where(on_grid, torch.full_like(best, stride), best)
     return best.flatten()
 
 
-def spatial_scores(grid_size: int, strides: tuple[int, ...], lambda_sample: float) -> torch.Tensor:
-    """(G*G,) float spatial score S_s of every token of the original grid, row-major.
+def spatial_scores(grid_size: int, strides: tuple[int, ...], lambda_sample: float,
+                   width: int | None = None) -> torch.Tensor:
+    """(H*W,) float spatial score S_s of every token of the original ``grid_size`` x ``width`` grid
+    (square by default; a non-square grid is e.g. a dynamic-resolution image), row-major.
 
     >>> s = spatial_scores(24, (2, 3, 4, 6, 8, 12), 2.0)
     >>> float(s.max()) < 1.0 and float(s.min()) == 0.0
@@ -43,7 +48,7 @@ def spatial_scores(grid_size: int, strides: tuple[int, ...], lambda_sample: floa
     """
     if not 0 < lambda_sample <= 4:
         raise ValueError(f"lambda_sample={lambda_sample} must lie in (0, 4] so that scores stay in [0, 1)")
-    stride = sparsest_stride(grid_size, strides).float()
+    stride = sparsest_stride(grid_size, strides, width).float()
     rate = torch.where(stride > 0, 1.0 / stride.clamp_min(1.0) ** 2, torch.zeros_like(stride))
     return torch.where(stride > 0, 1.0 - lambda_sample * rate, torch.zeros_like(stride))
 

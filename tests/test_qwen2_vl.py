@@ -1,0 +1,137 @@
+"""ATP on Qwen2-VL (and Qwen2.5-VL): M-RoPE positions, dynamic resolution, non-square grids, several
+images per sample. The same equivalences as for LLaVA, on tiny random models built from config classes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from atp_repro import ATPConfig, apply_atp, budget_loss, last_atp_record, token_counts
+from atp_repro.atp.controls import control_scores
+from atp_repro.atp.spatial import sparsest_stride, spatial_scores
+from atp_repro.atp.tiny import qwen2_vl_single_inputs, tiny_qwen2_vl, tiny_qwen2_vl_inputs
+
+LAYERS = (1, 2, 3)
+KEEP_ALL = (10_000,) * 3  # more than any image here: nothing is pruned
+# three samples, three image shapes (h x w patches -> h/2 x w/2 tokens): 4x6, 4x4 and 2x6 + 2x2 (two images)
+IMAGES = (((8, 12),), ((8, 8),), ((4, 12), (4, 4)))
+NEW = 4
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def stock(request):
+    return tiny_qwen2_vl(version=request.param)
+
+
+def _with_atp(model, **config):
+    return apply_atp(copy.deepcopy(model), ATPConfig(module_layers=LAYERS, **config))
+
+
+def _generate(model, inputs, **kwargs):
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kwargs)[:, -NEW:]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_keeping_everything_reproduces_the_stock_model(impl):
+    stock = tiny_qwen2_vl(attn_implementation=impl)
+    batch = tiny_qwen2_vl_inputs(IMAGES)
+    with torch.no_grad():
+        reference = stock(**batch).logits
+        expected = _generate(stock, batch)
+        model = _with_atp(stock, fixed_keep=KEEP_ALL)
+        assert torch.equal(model(**batch).logits, reference)
+        assert torch.equal(_generate(model, batch), expected)
+    assert token_counts(model)[:, 0].tolist() == [24, 16, 16]
+
+
+def test_qwen2_5_vl_keeping_everything_reproduces_the_stock_model():
+    stock = tiny_qwen2_vl(version="2.5")
+    batch = tiny_qwen2_vl_inputs(IMAGES)
+    with torch.no_grad():
+        reference, expected = stock(**batch).logits, _generate(stock, batch)
+        model = _with_atp(stock, fixed_keep=KEEP_ALL)
+        assert torch.equal(model(**batch).logits, reference)
+        assert torch.equal(_generate(model, batch), expected)
+
+
+def test_fixed_keep_counts_exactly_and_cached_generation_equals_recomputation(stock):
+    model = _with_atp(stock, fixed_keep=(10, 5, 2))
+    batch = tiny_qwen2_vl_inputs(IMAGES)
+    with torch.no_grad():
+        cached = _generate(model, batch)
+        counts = token_counts(model)
+        recomputed = _generate(model, batch, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    # (B, layers): every vision token before the first module's layer, then the fixed counts per stage
+    assert counts.tolist() == [[24, 24, 10, 5, 2, 2], [16, 16, 10, 5, 2, 2], [16, 16, 10, 5, 2, 2]]
+    assert last_atp_record(model).image_grids == [[(1, 4, 6)], [(1, 4, 4)], [(1, 2, 6), (1, 2, 2)]]
+
+
+def test_a_left_padded_batch_of_different_image_sizes_equals_single_runs(stock):
+    model = _with_atp(stock, fixed_keep=(10, 5, 2))
+    batch = tiny_qwen2_vl_inputs(IMAGES)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        counts, kept = token_counts(model).clone(), last_atp_record(model).kept_vision_indices
+        generated = _generate(model, batch)
+        for i in range(len(IMAGES)):
+            single = qwen2_vl_single_inputs(batch, i)
+            length = single["input_ids"].shape[1]
+            torch.testing.assert_close(model(**single).logits[0], logits[i, -length:], rtol=0, atol=1e-5)
+            assert torch.equal(token_counts(model)[0], counts[i])
+            for module in range(len(LAYERS)):
+                assert torch.equal(last_atp_record(model).kept_vision_indices[module][0], kept[module][i])
+            assert torch.equal(_generate(model, single)[0], generated[i])
+
+
+def test_the_spatial_rule_reads_each_image_on_its_own_h_by_w_grid():
+    """The ``uniform`` control keeps the top of each image's spatial table (the nested sampling grids):
+    with two images of different shapes in one sample, the kept indices are the top-k of the two
+    images' tables laid one after the other (a square-grid reading of 16 tokens would differ)."""
+    stock = tiny_qwen2_vl()
+    batch = tiny_qwen2_vl_inputs((((4, 12), (8, 8)),))
+    model = _with_atp(stock, fixed_keep=(6, 3, 1), importance="uniform")
+    with torch.no_grad():
+        model(**batch)
+    cfg = model.model.language_model._atp_runtime.config
+    table = torch.cat([control_scores("uniform", 2, cfg.grid_strides, cfg.lambda_sample, 6),
+                       control_scores("uniform", 4, cfg.grid_strides, cfg.lambda_sample, 4)])
+    expected = torch.sort(table, descending=True, stable=True).indices[:6].sort().values
+    assert torch.equal(last_atp_record(model).kept_vision_indices[0][0], expected)
+    square = control_scores("uniform", 4, cfg.grid_strides, cfg.lambda_sample)
+    assert not torch.equal(torch.cat([square, square])[:16], table)
+
+
+def test_spatial_scores_on_a_non_square_grid_centre_the_sparsest_grid_on_each_axis():
+    strides = (2, 4)
+    stride = sparsest_stride(5, strides, 9).reshape(5, 9)
+    # sparsest fitting stride 4: rows offset (5 - 1) % 4 // 2 = 0, columns (9 - 1) % 4 // 2 = 0 -> 0, 4, 8
+    assert stride[0, 0] == stride[0, 4] == stride[0, 8] == stride[4, 4] == 4
+    assert stride[2, 2] == 2 and stride[1, 1] == 0
+    assert torch.equal(spatial_scores(6, strides, 2.0, 6), spatial_scores(6, strides, 2.0))  # square: as before
+    assert spatial_scores(3, strides, 2.0, 7).shape == (21,)
+
+
+def test_the_soft_path_trains_thresholds_through_the_budget_loss(stock):
+    model = _with_atp(stock, temperature=10.0)
+    model.train()
+    batch = tiny_qwen2_vl_inputs(IMAGES)
+    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    labels[:, :-2] = -100  # the last two tokens are the answer
+    out = model(**batch, labels=labels)
+    (out.loss + budget_loss(model)).backward()
+    thresholds = [p for n, p in model.named_parameters() if "atp_modules" in n]
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in thresholds)
+    assert last_atp_record(model).soft
+
+
+def test_unsupported_inputs_and_settings_fail_before_any_work_with_a_clear_message(stock):
+    with pytest.raises(ValueError, match="position_encoding='rope2d' is not supported on M-RoPE models.*'original'"):
+        _with_atp(stock, position_encoding="rope2d")
+    model = _with_atp(stock, fixed_keep=(4, 2, 1))
+    batch = tiny_qwen2_vl_inputs(IMAGES)
+    video = dict(batch, pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["image_grid_thw"])
+    with pytest.raises(ValueError, match="video inputs .* are not supported"):
+        model(**video)
