@@ -135,3 +135,53 @@ def test_unsupported_inputs_and_settings_fail_before_any_work_with_a_clear_messa
     video = dict(batch, pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["image_grid_thw"])
     with pytest.raises(ValueError, match="video inputs .* are not supported"):
         model(**video)
+
+
+# --- the mini world's Qwen2-VL (supplementary Table 7) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mini_pair():
+    from atp_repro.mini.model import MiniModelConfig, build_model
+    from atp_repro.mini.qwen import QwenMiniConfig, copy_decoder, qwen_mini_model
+    from atp_repro.mini.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    llava = build_model(MiniModelConfig(), tok).eval()
+    qwen = qwen_mini_model(llava, QwenMiniConfig(vision_depth=1), tok)
+    copy_decoder(qwen, llava)
+    return llava, qwen, tok
+
+
+def test_mini_images_are_laid_out_as_the_qwen2_vl_processor_lays_them_out(mini_pair):
+    import numpy as np
+    from transformers import Qwen2VLImageProcessorPil
+
+    from atp_repro.mini.data import CLIP_MEAN, CLIP_STD, image_to_tensor
+    from atp_repro.mini.image_inputs import qwen_image_inputs
+
+    _, qwen, _ = mini_pair
+    image = (np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8)
+    processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, do_resize=False,
+                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    expected = processor(images=[image], return_tensors="pt")
+    ours = qwen_image_inputs(image_to_tensor(image)[None], torch.zeros(1, 1, dtype=torch.long), qwen.config)
+    assert torch.equal(ours["image_grid_thw"], expected["image_grid_thw"])
+    torch.testing.assert_close(ours["pixel_values"], expected["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_the_mini_qwen2_vl_decoder_copied_from_the_mini_llava_answers_text_alike(mini_pair):
+    """M-RoPE gives text the same position on all three axes, i.e. 1-D RoPE: on text the copied decoder (zero
+    q/k/v biases) is the mini LLaVA's exactly; image tokens get 12 x 12 merged tokens like the LLaVA's grid."""
+    from atp_repro.mini.qwen import image_embeddings
+    from atp_repro.mini.train import vision_tower_parameters
+
+    llava, qwen, _ = mini_pair
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        assert torch.equal(qwen(input_ids=ids).logits, llava(input_ids=ids).logits)
+        pixels = torch.randn(2, 3, 96, 96)
+        assert image_embeddings(qwen, pixels).shape == image_embeddings(llava, pixels).shape == (2, 144, 128)
+    merger = {id(p) for p in qwen.model.visual.merger.parameters()}
+    tower = vision_tower_parameters(qwen)
+    assert tower and not merger & {id(p) for p in tower}  # the merger trains with the LM, as LLaVA's projector

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from .data import Collator, MiniVQA
+from .image_inputs import model_inputs
 from .questions import FAMILIES
 from .scenes import COLOURS, SHAPE_PLURALS, SHAPES
 from .tokenizer import decode_answer
@@ -93,9 +94,7 @@ def evaluate(
     for s in starts:
         batch = collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
         out = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            **model_inputs(model, batch, ("input_ids", "attention_mask", "pixel_values")),
             max_new_tokens=max_new,
             do_sample=False,
         )

@@ -160,6 +160,21 @@ class Setup:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v, seed), progress=progress)
 
+    def qwen_upper_bound(self, qwen=None, progress: bool = True):
+        """The mini Qwen2-VL upper bound (:mod:`atp_repro.mini.qwen`), built from this setup's upper bound."""
+        from .qwen import QwenMiniConfig, qwen_upper_bound
+
+        return qwen_upper_bound(self.world, qwen or QwenMiniConfig(), progress=progress)
+
+    def seeded_qwen(self, name: str, seeds: int, qwen=None) -> Seeded:
+        """Variant ``name`` fine-tuned on the mini Qwen2-VL upper bound with seeds 0..seeds-1 (each cached and
+        evaluated on the test set)."""
+        from .qwen import QwenMiniConfig
+
+        v = VARIANTS[name]
+        return self._seeded(f"Qwen2-VL {name}", seeds, lambda k: runs.atp_finetune(
+            self.world, self.atp_config(v), self.train_config(v, k), progress=False, qwen=qwen or QwenMiniConfig()))
+
     def seeded(self, name: str | Variant, seeds: int, progress: bool = False) -> Seeded:
         """``name`` fine-tuned with seeds 0..seeds-1 (each cached), every model evaluated on the test set."""
         label = name if isinstance(name, str) else name.description

@@ -22,6 +22,7 @@ import torch
 from .. import numerics
 from .cache import load_or_build, spec_hash
 from .data import SPLIT_SEEDS, Collator, FamilyWeights, MiniVQA, check_family_weights, make_conversation, make_sample
+from .image_inputs import model_inputs
 from .model import MiniModelConfig, build_model, count_parameters
 from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower, scene_targets
 from .scenes import SceneConfig
@@ -289,8 +290,7 @@ def calibrate_at_target(model: torch.nn.Module, dataset: MiniVQA, atp_cfg: Any, 
     torch.set_num_threads(num_threads)  # the fine-tune's thread count, fixed before any forward
     batch = Collator(dataset.tokenizer.pad_token_id, mode="train")(
         [dataset[i] for i in range(min(CALIBRATION_SAMPLES, len(dataset)))])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
-    return calibrate_thresholds(model, inputs)
+    return calibrate_thresholds(model, model_inputs(model, batch))
 
 
 def mean_vision_tokens(model: torch.nn.Module) -> float:
@@ -300,12 +300,21 @@ def mean_vision_tokens(model: torch.nn.Module) -> float:
     return float(token_counts(model).float().mean())
 
 
-def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True):
-    """Insert ATP modules into the upper-bound model and fine-tune (``train_cfg.trainable``: lm or atp)."""
+def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True,
+                 qwen: Any = None):
+    """Insert ATP modules into the upper-bound model and fine-tune (``train_cfg.trainable``: lm or atp).
+
+    ``qwen`` (a :class:`~atp_repro.mini.qwen.QwenMiniConfig`): into the mini Qwen2-VL upper bound instead."""
     from atp_repro import apply_atp, atp_parameters, budget_loss  # the core method
 
     spec = atp_spec(world, atp_cfg, train_cfg)
-    ub, tok, _ = upper_bound(world, progress=progress)
+    if qwen is None:
+        ub, tok, _ = upper_bound(world, progress=progress)
+    else:
+        from .qwen import qwen_mini_model, qwen_upper_bound, qwen_upper_bound_spec
+
+        spec["parent"] = spec_hash(qwen_upper_bound_spec(world, qwen))
+        ub, tok, _ = qwen_upper_bound(world, qwen, progress=progress)
 
     def build(folder: Path) -> dict:
         # The threshold networks' trunks are drawn at insertion. From the global RNG they would depend
@@ -322,7 +331,8 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
         return _finish(folder, model, tok, res, {"calibration": calibration, "tokens_per_step": res.tracked})
 
     folder, manifest, status = load_or_build("atp", spec, build)
-    model = apply_atp(build_model(world.model, tok), atp_cfg)
+    stock = build_model(world.model, tok)
+    model = apply_atp(stock if qwen is None else qwen_mini_model(stock, qwen, tok), atp_cfg)
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     model.eval()
     return model, tok, RunInfo("atp", folder, status, manifest)

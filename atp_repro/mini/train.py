@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .cache import atomic_torch_save, canonical_json, file_sha256, spec_hash
 from .data import Collator, MiniVQA
+from .image_inputs import model_inputs
 
 TRAINABLE = ("all", "lm", "atp")
 PRECISIONS = ("fp32", "bf16")
@@ -96,10 +97,20 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def vision_tower_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The vision encoder without its projector: LLaVA's ``vision_tower``; Qwen2-VL's ``visual`` without
+    its patch merger (the merger is Qwen2-VL's projector, trained with the LM as LLaVA's is)."""
+    inner = model.model
+    if hasattr(inner, "vision_tower"):
+        return list(inner.vision_tower.parameters())
+    merger = {id(p) for p in inner.visual.merger.parameters()}
+    return [p for p in inner.visual.parameters() if id(p) not in merger]
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig, atp_params: list[torch.nn.Parameter]) -> list[dict]:
     """Set ``requires_grad`` per ``cfg.trainable`` and return AdamW groups (LM lr, ATP lr)."""
     atp_ids = {id(p) for p in atp_params}
-    vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    vision_ids = {id(p) for p in vision_tower_parameters(model)}
     lm: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if id(p) in atp_ids:
@@ -202,12 +213,7 @@ def train(
         t0 = time.perf_counter()
         batch = collate([dataset[i] for i in batch_indices(step, cfg.batch_size, cfg.n_train, cfg.seed)])
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-                labels=batch["labels"],
-            )
+            out = model(**model_inputs(model, batch))
             loss = out.loss + (extra_loss(model) if extra_loss is not None else 0.0)
         if track is not None:
             tracked.append(float(track(model)))
