@@ -173,8 +173,8 @@ def test_mini_images_are_laid_out_as_the_qwen2_vl_processor_lays_them_out(mini_p
 def test_the_mini_qwen2_vl_decoder_copied_from_the_mini_llava_answers_text_alike(mini_pair):
     """M-RoPE gives text the same position on all three axes, i.e. 1-D RoPE: on text the copied decoder (zero
     q/k/v biases) is the mini LLaVA's exactly; image tokens get 12 x 12 merged tokens like the LLaVA's grid."""
+    from atp_repro.mini.model import vision_tower_parameters
     from atp_repro.mini.qwen import image_embeddings
-    from atp_repro.mini.train import vision_tower_parameters
 
     llava, qwen, _ = mini_pair
     ids = torch.tensor([[1, 10, 11, 12, 13, 14]])

@@ -147,11 +147,22 @@ def scale_residual_projections(model: LlavaForConditionalGeneration, n_layers: i
         layer.mlp.down_proj.weight.mul_(factor)
 
 
+def vision_tower_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The vision encoder without its projector: LLaVA's ``vision_tower``; Qwen2-VL's ``visual`` without
+    its patch merger (the merger is Qwen2-VL's projector, trained with the LM as LLaVA's is)."""
+    inner = model.model
+    if hasattr(inner, "vision_tower"):
+        return list(inner.vision_tower.parameters())
+    merger = {id(p) for p in inner.visual.merger.parameters()}
+    return [p for p in inner.visual.parameters() if id(p) not in merger]
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     inner = model.model
+    projector = inner.multi_modal_projector if hasattr(inner, "multi_modal_projector") else inner.visual.merger
     return {
-        "vision_tower": sum(p.numel() for p in inner.vision_tower.parameters()),
-        "projector": sum(p.numel() for p in inner.multi_modal_projector.parameters()),
+        "vision_tower": sum(p.numel() for p in vision_tower_parameters(model)),
+        "projector": sum(p.numel() for p in projector.parameters()),
         "language_model": sum(p.numel() for p in inner.language_model.parameters())
         + sum(p.numel() for p in model.lm_head.parameters()),
         "total": sum(p.numel() for p in model.parameters()),

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_torch_save, canonical_json, file_sha256, spec_hash
 from .data import Collator, MiniVQA
 from .image_inputs import model_inputs
+from .model import vision_tower_parameters
 
 TRAINABLE = ("all", "lm", "atp")
 PRECISIONS = ("fp32", "bf16")
@@ -95,16 +96,6 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
         out.extend(int(i) for i in perm[offset : offset + take])
         pos += take
     return out
-
-
-def vision_tower_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The vision encoder without its projector: LLaVA's ``vision_tower``; Qwen2-VL's ``visual`` without
-    its patch merger (the merger is Qwen2-VL's projector, trained with the LM as LLaVA's is)."""
-    inner = model.model
-    if hasattr(inner, "vision_tower"):
-        return list(inner.vision_tower.parameters())
-    merger = {id(p) for p in inner.visual.merger.parameters()}
-    return [p for p in inner.visual.parameters() if id(p) not in merger]
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig, atp_params: list[torch.nn.Parameter]) -> list[dict]:
