@@ -143,13 +143,13 @@ def test_unsupported_inputs_and_settings_fail_before_any_work_with_a_clear_messa
 @pytest.fixture(scope="module")
 def mini_pair():
     from atp_repro.mini.model import MiniModelConfig, build_model
-    from atp_repro.mini.qwen import QwenMiniConfig, copy_decoder, qwen_mini_model
+    from atp_repro.mini.qwen import QwenMiniConfig, copy_llava, qwen_mini_model
     from atp_repro.mini.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     llava = build_model(MiniModelConfig(), tok).eval()
-    qwen = qwen_mini_model(llava, QwenMiniConfig(vision_depth=1), tok)
-    copy_decoder(qwen, llava)
+    qwen = qwen_mini_model(llava, QwenMiniConfig(), tok)
+    copy_llava(qwen, llava)
     return llava, qwen, tok
 
 
@@ -170,9 +170,10 @@ def test_mini_images_are_laid_out_as_the_qwen2_vl_processor_lays_them_out(mini_p
     torch.testing.assert_close(ours["pixel_values"], expected["pixel_values"], rtol=0, atol=1e-6)
 
 
-def test_the_mini_qwen2_vl_decoder_copied_from_the_mini_llava_answers_text_alike(mini_pair):
+def test_the_mini_qwen2_vl_copied_from_the_mini_llava_matches_it_on_text_and_image_features(mini_pair):
     """M-RoPE gives text the same position on all three axes, i.e. 1-D RoPE: on text the copied decoder (zero
-    q/k/v biases) is the mini LLaVA's exactly; image tokens get 12 x 12 merged tokens like the LLaVA's grid."""
+    q/k/v biases) is the mini LLaVA's exactly. The vision slot rebuilds the images from Qwen2-VL's patch layout,
+    so its image tokens equal the mini LLaVA's, one per 2 x 2 merge block, row-major."""
     from atp_repro.mini.model import vision_tower_parameters
     from atp_repro.mini.qwen import image_embeddings
 
@@ -181,7 +182,26 @@ def test_the_mini_qwen2_vl_decoder_copied_from_the_mini_llava_answers_text_alike
     with torch.no_grad():
         assert torch.equal(qwen(input_ids=ids).logits, llava(input_ids=ids).logits)
         pixels = torch.randn(2, 3, 96, 96)
-        assert image_embeddings(qwen, pixels).shape == image_embeddings(llava, pixels).shape == (2, 144, 128)
-    merger = {id(p) for p in qwen.model.visual.merger.parameters()}
+        assert torch.equal(image_embeddings(qwen, pixels), image_embeddings(llava, pixels))
+    projector = {id(p) for p in qwen.model.visual.projector.parameters()}
     tower = vision_tower_parameters(qwen)
-    assert tower and not merger & {id(p) for p in tower}  # the merger trains with the LM, as LLaVA's projector
+    assert tower and not projector & {id(p) for p in tower}  # the projector trains with the LM, the tower is frozen
+
+
+def test_the_mini_qwen2_vl_prunes_with_atp_and_keeps_its_m_rope_positions(mini_pair):
+    """ATP on the mini Qwen2-VL through the mini world's own batches: keep-all equals the stock model."""
+    from atp_repro.mini.data import Collator, MiniVQA
+    from atp_repro.mini.image_inputs import model_inputs
+
+    _, qwen, tok = mini_pair
+    dataset = MiniVQA("test", 3, tok, n_image_tokens=144)
+    batch = Collator(tok.pad_token_id, mode="generate")([dataset[i] for i in range(3)])
+    inputs = model_inputs(qwen, batch, ("input_ids", "attention_mask", "pixel_values"))
+    assert inputs["image_grid_thw"].tolist() == [[1, 24, 24]] * 3
+    with torch.no_grad():
+        reference = qwen(**inputs).logits
+        model = apply_atp(copy.deepcopy(qwen), ATPConfig(module_layers=(0, 3, 5), fixed_keep=(144, 144, 144)))
+        assert torch.equal(model(**inputs).logits, reference)
+        pruned = apply_atp(copy.deepcopy(qwen), ATPConfig(module_layers=(0, 3, 5), fixed_keep=(36, 18, 9)))
+        pruned(**inputs)
+    assert token_counts(pruned)[:, 1:].float().mean(0).tolist()[:5] == [36, 36, 36, 18, 18]

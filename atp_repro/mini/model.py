@@ -148,18 +148,15 @@ def scale_residual_projections(model: LlavaForConditionalGeneration, n_layers: i
 
 
 def vision_tower_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The vision encoder without its projector: LLaVA's ``vision_tower``; Qwen2-VL's ``visual`` without
-    its patch merger (the merger is Qwen2-VL's projector, trained with the LM as LLaVA's is)."""
+    """The vision encoder without its projector: LLaVA's ``vision_tower``; the mini Qwen2-VL's vision slot's
+    tower (:class:`atp_repro.mini.qwen.MiniVisionSlot`)."""
     inner = model.model
-    if hasattr(inner, "vision_tower"):
-        return list(inner.vision_tower.parameters())
-    merger = {id(p) for p in inner.visual.merger.parameters()}
-    return [p for p in inner.visual.parameters() if id(p) not in merger]
+    return list((inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual.tower).parameters())
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     inner = model.model
-    projector = inner.multi_modal_projector if hasattr(inner, "multi_modal_projector") else inner.visual.merger
+    projector = inner.multi_modal_projector if hasattr(inner, "multi_modal_projector") else inner.visual.projector
     return {
         "vision_tower": sum(p.numel() for p in vision_tower_parameters(model)),
         "projector": sum(p.numel() for p in projector.parameters()),

@@ -1,87 +1,103 @@
 """The mini world's second architecture: a small Qwen2-VL (supplementary Table 7's setting).
 
-``Qwen2VLForConditionalGeneration`` built from config classes: Qwen2-VL's own vision transformer
-(patches of half the mini LLaVA's side with 2-D rotary positions, then its 2 x 2 patch merger: at the
-default grid a 96 px scene gives 24 x 24 patches of 4 px and 12 x 12 = 144 tokens, as many as the
-mini LLaVA) and a Qwen2 decoder of the mini LLaVA's
-size with M-RoPE. It is made from the mini LLaVA upper bound in two cheap stages instead of a second
-perception pretraining and a second upper bound from scratch (which would cost about as much as
-the first, 14 min):
+``Qwen2VLForConditionalGeneration`` built from config classes, with a Qwen2 decoder of the mini
+LLaVA's size and M-RoPE: image tokens carry (temporal, row, column) positions and the text after an
+image continues from the image's largest side, not from its token count. Inputs come as Qwen2-VL's
+processor gives them (patches of half the mini LLaVA's side in 2 x 2 merge blocks, ``image_grid_thw``,
+``mm_token_type_ids``), so the model's own M-RoPE and dynamic-resolution code runs unchanged.
 
-1. **Vision distillation.** The Qwen2-VL tower and merger learn to reproduce, token for token, the
-   mini LLaVA's image embeddings (its pretrained tower followed by its projector) on the
-   perception-pretraining scenes (mean squared error). Qwen2-VL's own tower is likewise pretrained
-   apart from the LLM.
-2. **Upper bound.** The decoder starts from the mini LLaVA upper bound's decoder (same weights; the
-   query/key/value biases Qwen2 adds start at zero) and is fine-tuned with the merger on the VQA
-   training split, where it learns M-RoPE: vision tokens now carry (row, column) positions and the
-   text after the image continues from the image's largest side, not from its token count.
+Its vision slot (``model.model.visual``) holds the mini LLaVA's pretrained tower and projector,
+reading the merge blocks as the tower's patches (:class:`MiniVisionSlot`). Qwen2-VL's own vision
+transformer was tried first, distilled onto the mini LLaVA's image embeddings: 300 steps (113 s)
+left 38% of the embeddings' variance unexplained and its upper bound read text at 1.4% (chance
+1.8%; the mini LLaVA: 100%), so a second tower would have needed the mini world's full perception
+pretraining again. ATP acts on the language model, where the architectures differ.
 
-Both stages are cached artifacts like every mini-world model (``atp_repro.mini.cache``).
+The decoder starts from the mini LLaVA upper bound's (same weights; the query/key/value biases Qwen2
+adds start at zero; on text M-RoPE equals 1-D RoPE, so the copy is exact there) and is fine-tuned
+with the projector on the VQA training split, where it learns M-RoPE's image positions. The result is
+a cached artifact like every mini-world model (``atp_repro.mini.cache``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import numerics
 from .cache import load_or_build, spec_hash
 from .image_inputs import is_qwen, qwen_image_inputs
-from .pretrain import scene_targets
-from .train import TrainConfig, cosine_with_warmup, train
+from .train import TrainConfig, train
 
 
 @dataclass(frozen=True)
 class QwenMiniConfig:
-    """Sizes and the two cheap training stages (see the module docstring)."""
+    """The upper bound's fine-tune (see the module docstring)."""
 
-    # Two blocks, not the mini LLaVA tower's three: at 576 patches per scene (patch side halved, merged
-    # 2 x 2 after the tower) a block costs about 4x a mini-LLaVA block (0.32 s per training step of 32
-    # scenes, measured, pinned fp32).
-    vision_depth: int = 2
-    vision_embed: int = 96
-    vision_heads: int = 4
-    distill_steps: int = 300
-    distill_batch: int = 16
-    distill_lr: float = 2e-3
     ub_steps: int = 400
     ub_lr_lm: float = 5e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vision_depth", "vision_embed", "vision_heads", "distill_steps", "distill_batch", "ub_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"QwenMiniConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.vision_embed % self.vision_heads:
-            raise ValueError(f"QwenMiniConfig.vision_embed={self.vision_embed} must be divisible by "
-                             f"vision_heads={self.vision_heads}")
-        for name in ("distill_lr", "ub_lr_lm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"QwenMiniConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.ub_steps, int) or self.ub_steps <= 0:
+            raise ValueError(f"QwenMiniConfig.ub_steps must be a positive int, got {self.ub_steps!r}")
+        if not self.ub_lr_lm > 0:
+            raise ValueError(f"QwenMiniConfig.ub_lr_lm must be > 0, got {self.ub_lr_lm!r}")
 
     def replace(self, **changes) -> QwenMiniConfig:
         return dataclasses.replace(self, **changes)
 
 
-MERGE, TEMPORAL = 2, 2  # Qwen2-VL's 2 x 2 patch merger; a still image fills both temporal slots
+MERGE, TEMPORAL = 2, 2  # Qwen2-VL's 2 x 2 merge blocks; a still image fills both temporal slots of a patch
+
+
+class MiniVisionSlot(nn.Module):
+    """Qwen2-VL's vision slot filled with the mini LLaVA's tower and projector.
+
+    Takes what Qwen2-VL's vision transformer takes (patches flattened in merge-block order, and
+    ``grid_thw``), rebuilds each image, and returns one token per merge block, row-major, as Qwen2-VL's
+    patch merger does: the LLaVA tower's patch is exactly one merge block.
+    """
+
+    def __init__(self, llava, patch: int) -> None:
+        super().__init__()
+        self.tower = copy.deepcopy(llava.model.vision_tower)
+        self.projector = copy.deepcopy(llava.model.multi_modal_projector)
+        self.feature_layer = llava.config.vision_feature_layer
+        self.patch, self.spatial_merge_size = patch, MERGE
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        p, m = self.patch, MERGE
+        _, gh, gw = (int(v) for v in grid_thw[0])
+        if not bool((grid_thw == grid_thw[0]).all()) or int(grid_thw[0, 0]) != 1:
+            raise ValueError("the mini vision slot takes still images of one size; got image_grid_thw "
+                             f"{grid_thw.tolist()}")
+        x = hidden_states.reshape(-1, gh // m, gw // m, m, m, 3, TEMPORAL, p, p)[..., 0, :, :]  # first temporal slot
+        images = x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(-1, 3, gh * p, gw * p)  # (B, C, H, W)
+        hidden = self.tower(images, output_hidden_states=True).hidden_states[self.feature_layer][:, 1:]  # no CLS
+        tokens = self.projector(hidden)  # (B, gh/m * gw/m, D), row-major
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=tokens.flatten(0, 1))
 
 
 def qwen_mini_model(llava, qwen_cfg: QwenMiniConfig, tokenizer):
-    """A freshly initialised mini Qwen2-VL with ``llava``'s number of image tokens (patches of half the side,
-    merged 2 x 2) and a decoder of its shape (weights not copied)."""
+    """A mini Qwen2-VL with ``llava``'s decoder shape and vision slot (see the module docstring); its
+    weights are fresh (the upper bound copies the mini LLaVA's, :func:`qwen_upper_bound`)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     text = llava.config.text_config
     if llava.config.vision_config.patch_size % MERGE:
         raise ValueError(f"the mini LLaVA's patch size {llava.config.vision_config.patch_size} must be even: the "
-                         f"mini Qwen2-VL uses patches of half that side, merged {MERGE} x {MERGE}")
+                         f"mini Qwen2-VL's patches have half that side, merged {MERGE} x {MERGE}")
     patch = llava.config.vision_config.patch_size // MERGE
     head_dim = text.hidden_size // text.num_attention_heads
     pairs = head_dim // 2
@@ -95,8 +111,8 @@ def qwen_mini_model(llava, qwen_cfg: QwenMiniConfig, tokenizer):
                          bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
                          pad_token_id=text.pad_token_id, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
-        vision_config=dict(depth=qwen_cfg.vision_depth, embed_dim=qwen_cfg.vision_embed,
-                           num_heads=qwen_cfg.vision_heads, hidden_size=text.hidden_size, patch_size=patch,
+        # the stock vision transformer is built (smallest size) and replaced by the mini vision slot
+        vision_config=dict(depth=1, embed_dim=16, num_heads=1, hidden_size=text.hidden_size, patch_size=patch,
                            spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3),
         image_token_id=tokenizer.image_token_id,
         video_token_id=text.vocab_size,  # never in the input: the mini world has no videos
@@ -106,6 +122,7 @@ def qwen_mini_model(llava, qwen_cfg: QwenMiniConfig, tokenizer):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(qwen_cfg.seed)
         model = Qwen2VLForConditionalGeneration(config)
+    model.model.visual = MiniVisionSlot(llava, patch)
     model.set_attn_implementation(config._attn_implementation)
     for name in ("pad_token_id", "eos_token_id", "bos_token_id", "suppress_tokens"):
         setattr(model.generation_config, name, getattr(llava.generation_config, name))
@@ -122,38 +139,10 @@ def image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor) -> torc
     return torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
 
 
-def distill_vision(qwen, llava, world, qwen_cfg: QwenMiniConfig, *, progress: bool = True) -> dict:
-    """Stage 1: the Qwen2-VL tower + merger regress the mini LLaVA's image embeddings (MSE)."""
-    torch.set_num_threads(world.pretrain.num_threads)
-    visual = qwen.model.visual
-    params = list(visual.parameters())
-    opt = torch.optim.AdamW(params, lr=qwen_cfg.distill_lr, weight_decay=0.0)
-    warm = max(1, round(0.03 * qwen_cfg.distill_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, qwen_cfg.distill_steps, warm))
-    visual.train()
-    losses, wall = [], 0.0
-    for step in tqdm(range(qwen_cfg.distill_steps), disable=not progress, desc="distill vision"):
-        t0 = time.perf_counter()
-        first = step * qwen_cfg.distill_batch
-        pixels = torch.stack([scene_targets(first + i, world.grid, world.scene, world.world_seed)[0]
-                              for i in range(qwen_cfg.distill_batch)])
-        with torch.no_grad():
-            target = image_embeddings(llava, pixels)
-        loss = torch.nn.functional.mse_loss(image_embeddings(qwen, pixels), target) / target.pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        wall += time.perf_counter() - t0
-    visual.eval()
-    return {"distill_wall_time_s": wall, "distill_losses": losses}
-
-
 @torch.no_grad()
-def copy_decoder(qwen, llava) -> None:
-    """The decoder, embeddings and LM head of ``llava`` into ``qwen`` (Qwen2's q/k/v biases set to zero)."""
+def copy_llava(qwen, llava) -> None:
+    """The mini LLaVA's decoder, embeddings, LM head, tower and projector into ``qwen`` (Qwen2's q/k/v
+    biases set to zero)."""
     source = llava.model.language_model.state_dict()
     target = qwen.model.language_model
     missing, unexpected = target.load_state_dict(source, strict=False)
@@ -162,24 +151,26 @@ def copy_decoder(qwen, llava) -> None:
     for name in missing:
         target.get_parameter(name).zero_()
     qwen.lm_head.weight.copy_(llava.lm_head.weight)
+    qwen.model.visual.tower.load_state_dict(llava.model.vision_tower.state_dict())
+    qwen.model.visual.projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
 
 
 def qwen_upper_bound_spec(world, qwen_cfg: QwenMiniConfig) -> dict:
     from .runs import upper_bound_spec
 
     return {"kind": "qwen_upper_bound", "parent": spec_hash(upper_bound_spec(world)),
-            "qwen": dataclasses.asdict(qwen_cfg), "layout": "qwen2-vl-half-patch-merge2",
+            "qwen": dataclasses.asdict(qwen_cfg), "layout": "qwen2-vl-llava-vision-slot",
             "numerics": numerics.cache_key()}
 
 
 def qwen_train_config(world, qwen_cfg: QwenMiniConfig) -> TrainConfig:
-    """Stage 2: the upper bound's own training settings, shorter, at a fine-tune's LM rate; the merger and
-    the decoder train, the tower stays as distilled."""
+    """The mini LLaVA upper bound's training settings, shorter, at a fine-tune's LM rate: projector and
+    decoder train, the tower stays frozen."""
     return world.train.replace(steps=qwen_cfg.ub_steps, lr_lm=qwen_cfg.ub_lr_lm, trainable="lm")
 
 
 def qwen_upper_bound(world, qwen_cfg: QwenMiniConfig = QwenMiniConfig(), *, progress: bool = True):
-    """The mini Qwen2-VL upper bound (cached): distilled vision, decoder from the mini LLaVA, fine-tuned."""
+    """The mini Qwen2-VL upper bound (cached): the mini LLaVA's weights, fine-tuned under M-RoPE."""
     from .runs import RunInfo, _finish, upper_bound
 
     spec = qwen_upper_bound_spec(world, qwen_cfg)
@@ -187,16 +178,13 @@ def qwen_upper_bound(world, qwen_cfg: QwenMiniConfig = QwenMiniConfig(), *, prog
 
     def build(folder: Path) -> dict:
         model = qwen_mini_model(llava, qwen_cfg, tok)
-        distilled = distill_vision(model, llava, world, qwen_cfg, progress=progress)
-        copy_decoder(model, llava)
+        copy_llava(model, llava)
         ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
         res = train(model, ds, qwen_train_config(world, qwen_cfg), checkpoint_path=folder / "partial" / "checkpoint.pt",
                     run_spec=spec, progress=progress)
-        return _finish(folder, model, tok, res, {**distilled, "finetune_wall_time_s": res.wall_time_s,
-                                                 "wall_time_s": res.wall_time_s + distilled["distill_wall_time_s"]})
+        return _finish(folder, model, tok, res, {})
 
     folder, manifest, status = load_or_build("qwen_upper_bound", spec, build)
     model = qwen_mini_model(llava, qwen_cfg, tok)
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-    shutil.rmtree(folder / "partial", ignore_errors=True)
     return model.eval(), tok, RunInfo("qwen_upper_bound", folder, status, manifest)
