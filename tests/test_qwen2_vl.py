@@ -11,7 +11,7 @@ import torch
 from atp_repro import ATPConfig, apply_atp, budget_loss, last_atp_record, token_counts
 from atp_repro.atp.controls import control_scores
 from atp_repro.atp.spatial import sparsest_stride, spatial_scores
-from atp_repro.atp.tiny import qwen2_vl_single_inputs, tiny_qwen2_vl, tiny_qwen2_vl_inputs
+from atp_repro.atp.tiny import QWEN_IMAGE_TOKEN_ID, qwen2_vl_single_inputs, tiny_qwen2_vl, tiny_qwen2_vl_inputs
 
 LAYERS = (1, 2, 3)
 KEEP_ALL = (10_000,) * 3  # more than any image here: nothing is pruned
@@ -33,9 +33,10 @@ def _generate(model, inputs, **kwargs):
     return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kwargs)[:, -NEW:]
 
 
+@pytest.mark.parametrize("version", ["2", "2.5"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_keeping_everything_reproduces_the_stock_model(impl):
-    stock = tiny_qwen2_vl(attn_implementation=impl)
+def test_keeping_everything_reproduces_the_stock_model(impl, version):
+    stock = tiny_qwen2_vl(attn_implementation=impl, version=version)
     batch = tiny_qwen2_vl_inputs(IMAGES)
     with torch.no_grad():
         reference = stock(**batch).logits
@@ -44,16 +45,6 @@ def test_keeping_everything_reproduces_the_stock_model(impl):
         assert torch.equal(model(**batch).logits, reference)
         assert torch.equal(_generate(model, batch), expected)
     assert token_counts(model)[:, 0].tolist() == [24, 16, 16]
-
-
-def test_qwen2_5_vl_keeping_everything_reproduces_the_stock_model():
-    stock = tiny_qwen2_vl(version="2.5")
-    batch = tiny_qwen2_vl_inputs(IMAGES)
-    with torch.no_grad():
-        reference, expected = stock(**batch).logits, _generate(stock, batch)
-        model = _with_atp(stock, fixed_keep=KEEP_ALL)
-        assert torch.equal(model(**batch).logits, reference)
-        assert torch.equal(_generate(model, batch), expected)
 
 
 def test_fixed_keep_counts_exactly_and_cached_generation_equals_recomputation(stock):
@@ -100,18 +91,64 @@ def test_the_spatial_rule_reads_each_image_on_its_own_h_by_w_grid():
                        control_scores("uniform", 4, cfg.grid_strides, cfg.lambda_sample, 4)])
     expected = torch.sort(table, descending=True, stable=True).indices[:6].sort().values
     assert torch.equal(last_atp_record(model).kept_vision_indices[0][0], expected)
-    square = control_scores("uniform", 4, cfg.grid_strides, cfg.lambda_sample)
-    assert not torch.equal(torch.cat([square, square])[:16], table)
+    # reading the first image with rows and columns swapped (6 x 2) would keep other tokens
+    swapped = torch.cat([control_scores("uniform", 6, cfg.grid_strides, cfg.lambda_sample, 2),
+                         control_scores("uniform", 4, cfg.grid_strides, cfg.lambda_sample, 4)])
+    assert not torch.equal(torch.sort(swapped, descending=True, stable=True).indices[:6].sort().values, expected)
 
 
 def test_spatial_scores_on_a_non_square_grid_centre_the_sparsest_grid_on_each_axis():
     strides = (2, 4)
-    stride = sparsest_stride(5, strides, 9).reshape(5, 9)
-    # sparsest fitting stride 4: rows offset (5 - 1) % 4 // 2 = 0, columns (9 - 1) % 4 // 2 = 0 -> 0, 4, 8
-    assert stride[0, 0] == stride[0, 4] == stride[0, 8] == stride[4, 4] == 4
-    assert stride[2, 2] == 2 and stride[1, 1] == 0
+    stride = sparsest_stride(7, strides, 5).reshape(7, 5)
+    # sparsest fitting stride 4: rows offset (7 - 1) % 4 // 2 = 1, columns (5 - 1) % 4 // 2 = 0
+    assert stride[1, 0] == stride[1, 4] == stride[5, 0] == stride[5, 4] == 4
+    assert stride[3, 2] == 2 and stride[0, 0] == 0 and stride[1, 1] == 0
+    assert int((stride == 4).sum()) == 4
     assert torch.equal(spatial_scores(6, strides, 2.0, 6), spatial_scores(6, strides, 2.0))  # square: as before
     assert spatial_scores(3, strides, 2.0, 7).shape == (21,)
+
+
+def test_kept_tokens_keep_their_m_rope_angles_after_compaction():
+    """After the last module the sequence is compacted; a later layer must rotate each kept token by the
+    model's own M-RoPE position of that token (row and column for vision tokens), not by a recount."""
+    stock = tiny_qwen2_vl()
+    batch = tiny_qwen2_vl_inputs((((8, 12), (4, 4)),))  # one sample, two images, no padding
+    model = _with_atp(stock, fixed_keep=(10, 5, 2))
+    seen = {}
+    layer = model.model.language_model.layers[LAYERS[-1] + 1]
+    handle = layer.register_forward_pre_hook(lambda m, a, k: seen.update(cos=k["position_embeddings"][0]),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+        handle.remove()
+        positions, _ = stock.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                  batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+        cos, _ = stock.model.language_model.rotary_emb(torch.zeros(1), positions)  # (1, L, hd)
+    image = batch["input_ids"][0] == QWEN_IMAGE_TOKEN_ID
+    keep = ~image
+    keep[torch.nonzero(image).flatten()[last_atp_record(model).kept_vision_indices[-1][0]]] = True
+    assert seen["cos"].shape[1] == int(keep.sum()) < batch["input_ids"].shape[1]
+    assert torch.equal(seen["cos"][0], cos[0, keep])
+
+
+def test_a_text_only_sample_in_a_batch_passes_through_unpruned(stock):
+    batch = tiny_qwen2_vl_inputs((((8, 8),), ()))
+    with torch.no_grad():
+        reference = stock(**batch).logits
+        assert torch.equal(_with_atp(stock, fixed_keep=KEEP_ALL)(**batch).logits, reference)
+        pruned = _with_atp(stock, fixed_keep=(6, 3, 1))
+        pruned(**batch)
+    assert token_counts(pruned).tolist() == [[16, 16, 6, 3, 1, 1], [0] * 6]
+
+
+def test_the_depth_weighted_budget_term_is_relative_to_each_samples_own_image():
+    from atp_repro.atp.loss import budget_terms
+
+    # two images of 24 and 16 tokens, each keeping 1/2, 1/4, 1/8: the same kept fractions
+    counts = torch.tensor([[24.0, 12.0, 6.0, 3.0], [16.0, 8.0, 4.0, 2.0]])
+    terms = budget_terms(counts, LAYERS, 6, n_target=8.0, lambda_atp=1.0, lambda_target=0.0)
+    expected = 0.5 * 2 / 6 + 0.25 * 3 / 6 + 0.125 * 4 / 6
+    assert float(terms["l_atp"]) == pytest.approx(expected)
 
 
 def test_the_soft_path_trains_thresholds_through_the_budget_loss(stock):
@@ -135,6 +172,10 @@ def test_unsupported_inputs_and_settings_fail_before_any_work_with_a_clear_messa
     video = dict(batch, pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["image_grid_thw"])
     with pytest.raises(ValueError, match="video inputs .* are not supported"):
         model(**video)
+    with pytest.raises(ValueError, match="video inputs .* are not supported"):
+        model.generate(**video, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"num_beams / num_return_sequences = 2 \(allowed: 1\)"):
+        model.generate(**batch, max_new_tokens=2, num_beams=2)
 
 
 # --- the mini world's Qwen2-VL (supplementary Table 7) ---------------------------------------------------------

@@ -123,7 +123,7 @@ def _check_mrope_model(lm: nn.Module, config: ATPConfig) -> None:
 
 
 def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook of the LLaVA model: where the image tokens are (read by the ATP decoder).
+    """Forward pre-hook of the VLM's inner model: where the image tokens are (read by the ATP decoder).
 
     As in the stock model, image-token ids are an image only when pixel values (or encoded images,
     ``mm_encoder_outputs``) come with them (else, e.g. a generated token that equals the id, they are
@@ -147,11 +147,22 @@ def _remember_image_tokens(module: nn.Module, args, kwargs) -> None:
         runtime.pending_image_mask = (embeds == module.get_input_embeddings()(token)).all(-1)
 
 
-def _remember_image_grids(module: nn.Module, runtime: ATPRuntime, kwargs) -> None:
-    """M-RoPE models: each image's (t, h, w) grid in the decoder's units, from ``image_grid_thw``."""
-    if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
+
+
+def _refuse_videos(kwargs) -> None:
+    if any(kwargs.get(name) is not None for name in VIDEO_INPUTS) or \
+            (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
         raise ValueError("ATP prunes image tokens; video inputs (pixel_values_videos / video_grid_thw) are not "
                          "supported")
+
+
+def _remember_image_grids(module: nn.Module, runtime: ATPRuntime, kwargs) -> None:
+    """M-RoPE models: each image's (t, h, w) grid in the decoder's units, from ``image_grid_thw``."""
+    _refuse_videos(kwargs)
+    runtime.pending_image_grids = None
+    if kwargs.get("pixel_values") is None and (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
+        return  # no image in this pass (a decode step, or text only)
     grid_thw = kwargs.get("image_grid_thw")
     if grid_thw is None:  # generate encodes the images first and passes them without their grids
         grid_thw = runtime.generate_image_grid_thw
@@ -202,6 +213,14 @@ class ATPGenerate:
 
     def __call__(self, *args, **kwargs):
         runtime = _runtime(self.model)
+        if runtime.architecture != LLAVA:
+            _refuse_videos(kwargs)
+            config = kwargs.get("generation_config") or self.model.generation_config
+            copies = max(kwargs.get("num_beams") or config.num_beams or 1,
+                         kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+            if copies > 1:
+                raise ValueError(f"ATP on an M-RoPE model generates one sequence per sample with greedy or sampled "
+                                 f"decoding; got num_beams / num_return_sequences = {copies} (allowed: 1)")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         runtime.prompt_length = None if input_ids is None else int(input_ids.shape[1])
         runtime.generate_image_grid_thw = kwargs.get("image_grid_thw")

@@ -53,13 +53,15 @@ class ATPRecord:
 
     stage_counts: torch.Tensor  # (B, M + 1) vision tokens per stage; soft + differentiable in train()
     token_counts: torch.Tensor  # (B, num_layers) LongTensor, vision tokens entering each layer
-    kept_vision_indices: list[list[torch.Tensor]]  # [module][sample] -> original grid indices alive after it
+    # [module][sample] -> indices of the vision tokens alive after it, among the sample's vision tokens in
+    # input order (LLaVA: the row-major grid index; M-RoPE: over its images one after another)
+    kept_vision_indices: list[list[torch.Tensor]]
     thresholds: list[tuple[torch.Tensor, torch.Tensor]]  # [module] -> (theta_r, theta_s), each (B,)
     redundancy: list[torch.Tensor]  # [module] -> (B, L_stage) S_r in that stage's sequence layout
     self_importance: list[torch.Tensor]  # [module] -> (B, L_stage) raw self-modality importance
     cross_importance: list[torch.Tensor]  # [module] -> (B, L_stage) raw cross-modality importance
-    vision_positions: list[torch.Tensor]  # [module] -> (B, L_stage) original grid index per position, -1 for text
-    grid_size: int  # side of the square grid (LLaVA); 0 when every image has its own grid (M-RoPE)
+    vision_positions: list[torch.Tensor]  # [module] -> (B, L_stage) vision index per position, -1 for text
+    grid_size: int | None  # side of the square grid (LLaVA); None when every image has its own grid (M-RoPE)
     soft: bool
     clock: OverheadClock = field(repr=False)
     # M-RoPE only: [sample] -> (t, h, w) of each of its images, in order; a sample's vision index runs
@@ -142,7 +144,7 @@ class _VisionLayout:
     first: torch.Tensor  # (B,) position of the first vision token, -1 for a text-only sample
     spatial: torch.Tensor  # (B, N) spatial score S_s of each vision index (N >= 1)
     control: torch.Tensor | None  # (B, N) control scores (uniform / random importance), else None
-    grid: int  # side of the square grid (LLaVA), 0 for per-image grids
+    grid: int | None  # side of the square grid (LLaVA), None for per-image grids
     tiles: int
     image_grids: list[list[tuple[int, int, int]]] | None  # M-RoPE: [sample] -> (t, h, w) per image
 
@@ -201,7 +203,7 @@ def _vision_layout(runtime: ATPRuntime, image_mask: torch.Tensor, valid: torch.T
                 if control is not None:
                     control[b, : counts[b]] = torch.cat([c for _, c in images_of_sample])
         return _VisionLayout(counts, grid_index, first, spatial.to(device),
-                             None if control is None else control.to(device), 0, 1, per_sample)
+                             None if control is None else control.to(device), None, 1, per_sample)
 
     with_image = counts > 0
     num_vision = int(counts.max())

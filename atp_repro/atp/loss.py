@@ -29,9 +29,10 @@ def per_layer_counts(stage_counts: torch.Tensor, module_layers: tuple[int, ...],
 
 
 def depth_weighted_kept_fraction(
-    kept_counts: torch.Tensor, initial_count: float, module_layers: tuple[int, ...], num_layers: int
+    kept_counts: torch.Tensor, initial_count: float | torch.Tensor, module_layers: tuple[int, ...], num_layers: int
 ) -> torch.Tensor:
-    """L_ATP averaged over the batch. kept_counts: (B, M) soft counts after each module."""
+    """L_ATP averaged over the batch. kept_counts: (B, M) soft counts after each module; initial_count: N_0,
+    one number or (B, 1) per sample (dynamic resolution: each sample relative to its own image tokens)."""
     depth = torch.tensor([(layer + 1) / num_layers for layer in module_layers], device=kept_counts.device)
     return ((kept_counts / initial_count) * depth).sum(-1).mean()
 
@@ -63,9 +64,7 @@ def budget_terms(
             zero = stage_counts.sum() * 0.0
             return {"l_atp": zero, "l_target": zero, "budget_loss": zero}
         stage_counts = stage_counts[with_image]
-    l_atp = depth_weighted_kept_fraction(
-        stage_counts[:, 1:], float(stage_counts[0, 0].detach()), module_layers, num_layers
-    )
+    l_atp = depth_weighted_kept_fraction(stage_counts[:, 1:], stage_counts[:, :1].detach(), module_layers, num_layers)
     l_target = target_deviation(stage_counts, module_layers, num_layers, n_target)
     return {
         "l_atp": l_atp,

@@ -7,7 +7,9 @@ import torch
 
 
 def is_qwen(model: torch.nn.Module) -> bool:
-    return hasattr(getattr(model.config, "vision_config", None), "spatial_merge_size")
+    from atp_repro.atp.architectures import MROPE, architecture_of
+
+    return architecture_of(model) == MROPE
 
 
 def qwen_image_inputs(pixel_values: torch.Tensor, input_ids: torch.Tensor, config) -> dict:

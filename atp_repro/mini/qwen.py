@@ -90,8 +90,8 @@ class MiniVisionSlot(nn.Module):
 
 
 def qwen_mini_model(llava, qwen_cfg: QwenMiniConfig, tokenizer):
-    """A mini Qwen2-VL with ``llava``'s decoder shape and vision slot (see the module docstring); its
-    weights are fresh (the upper bound copies the mini LLaVA's, :func:`qwen_upper_bound`)."""
+    """A mini Qwen2-VL with ``llava``'s decoder shape and a copy of its tower and projector in the vision slot
+    (see the module docstring); the decoder's weights are fresh (:func:`copy_llava` copies them)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     text = llava.config.text_config
