@@ -182,7 +182,7 @@ def _vision_layout(runtime: ATPRuntime, image_mask: torch.Tensor, valid: torch.T
             raise ValueError("ATP on an M-RoPE model needs image_grid_thw with the image tokens")
         rows, per_sample, images = [], [], iter(image_grids)
         for b in range(image_mask.shape[0]):
-            spans = _spans(image_mask[b])
+            spans = image_spans(image_mask[b])
             grids = []
             for length in spans:
                 t, h, w = next(images, (0, 0, 0))
@@ -220,7 +220,7 @@ def _vision_layout(runtime: ATPRuntime, image_mask: torch.Tensor, valid: torch.T
                          None if control is None else control.to(device).expand(batch, -1), grid, tiles, None)
 
 
-def _spans(mask: torch.Tensor) -> list[int]:
+def image_spans(mask: torch.Tensor) -> list[int]:
     """Lengths of the runs of True in a 1-D bool tensor, in order."""
     padded = torch.cat([mask.new_zeros(1), mask, mask.new_zeros(1)]).long()
     edges = torch.diff(padded)

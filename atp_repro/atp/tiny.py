@@ -46,6 +46,17 @@ def tiny_llava(
     return model
 
 
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token rows -> left-padded ``(input_ids, attention_mask)``, each (B, longest row)."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = row
+        attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
 def tiny_inputs(
     model: LlavaForConditionalGeneration,
     prefix_lengths: tuple[int, ...] = (3,),
@@ -61,12 +72,7 @@ def tiny_inputs(
         text = torch.randint(5, VOCAB_SIZE, (prefix + prompt,), generator=generator)
         rows.append(torch.cat([torch.tensor([1]), text[: prefix - 1], torch.full((num_vision,), IMAGE_TOKEN_ID),
                                text[prefix - 1:]]))
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = row
-        attention_mask[i, length - len(row):] = 1
+    input_ids, attention_mask = left_pad(rows)
     size = model.config.vision_config.image_size
     pixel_values = torch.randn(len(rows), 3, size, size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
@@ -170,12 +176,7 @@ def tiny_qwen2_vl_inputs(
             pixels.append(torch.randn(h * w, QWEN_PATCH_DIM, generator=generator))
             grids.append([1, h, w])
         rows.append(torch.tensor(row + torch.randint(8, VOCAB_SIZE, (prompt,), generator=generator).tolist()))
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = row
-        attention_mask[i, length - len(row):] = 1
+    input_ids, attention_mask = left_pad(rows)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "pixel_values": torch.cat(pixels) if pixels else None,
             "image_grid_thw": torch.tensor(grids) if grids else None,
@@ -186,9 +187,10 @@ def qwen2_vl_single_inputs(batch: dict[str, torch.Tensor], i: int) -> dict[str, 
     """Sample ``i`` of a batch from :func:`tiny_qwen2_vl_inputs`, without its padding (batch of 1)."""
     keep = batch["attention_mask"][i].bool()
     input_ids = batch["input_ids"][i : i + 1, keep]
+    from .language_model import image_spans
+
     # the images of earlier samples come first in pixel_values and image_grid_thw
-    spans = [int(((ids[1:] == QWEN_IMAGE_TOKEN_ID) & (ids[:-1] != QWEN_IMAGE_TOKEN_ID)).sum()
-                 + (ids[0] == QWEN_IMAGE_TOKEN_ID)) for ids in batch["input_ids"]]
+    spans = [len(image_spans(ids == QWEN_IMAGE_TOKEN_ID)) for ids in batch["input_ids"]]
     first, count = sum(spans[:i]), spans[i]
     patches = batch["image_grid_thw"].prod(-1)
     start = int(patches[:first].sum())

@@ -141,8 +141,8 @@ def image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor) -> torc
 
 @torch.no_grad()
 def copy_llava(qwen, llava) -> None:
-    """The mini LLaVA's decoder, embeddings, LM head, tower and projector into ``qwen`` (Qwen2's q/k/v
-    biases set to zero)."""
+    """The mini LLaVA's decoder, embeddings and LM head into ``qwen`` (Qwen2's q/k/v biases set to zero); its
+    vision slot already holds copies of the LLaVA's tower and projector (:func:`qwen_mini_model`)."""
     source = llava.model.language_model.state_dict()
     target = qwen.model.language_model
     missing, unexpected = target.load_state_dict(source, strict=False)
@@ -151,8 +151,6 @@ def copy_llava(qwen, llava) -> None:
     for name in missing:
         target.get_parameter(name).zero_()
     qwen.lm_head.weight.copy_(llava.lm_head.weight)
-    qwen.model.visual.tower.load_state_dict(llava.model.vision_tower.state_dict())
-    qwen.model.visual.projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
 
 
 def qwen_upper_bound_spec(world, qwen_cfg: QwenMiniConfig) -> dict:
