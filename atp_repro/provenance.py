@@ -144,6 +144,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# Trained artifacts this process loaded or built (folder name -> {weights file: SHA-256}); the cache
+# reports each one (:func:`note_artifact`) and every sidecar written afterwards lists them, so that a
+# table names the exact weights it was computed from and ``atp-repro verify`` can tell "other
+# weights" from "other numbers from the same weights".
+_ARTIFACTS: dict[str, dict[str, str]] = {}
+
+
+def note_artifact(name: str, files: Mapping[str, str]) -> None:
+    """Record that this process used the artifact ``name`` (a cache folder name) with these files'
+    SHA-256; only weights files (``*.pt``) are kept. An artifact without weights is not recorded."""
+    weights = {rel: digest for rel, digest in sorted(files.items()) if rel.endswith(".pt")}
+    if weights:
+        _ARTIFACTS[name] = weights
+
+
+def artifacts_used() -> dict[str, dict[str, str]]:
+    """The trained artifacts this process used so far, by folder name (see :func:`note_artifact`)."""
+    return {name: dict(files) for name, files in sorted(_ARTIFACTS.items())}
+
+
 def environment_info() -> dict[str, Any]:
     """Everything about the machine and software, for ``atp-repro info`` and the sidecars."""
     return {"git": git_info(), "packages": package_versions(), "device": device_info()}
@@ -224,6 +244,7 @@ class RunRecord:
             "device": env["device"],
             "command": sys.argv,
             "outputs": outputs,
+            "artifacts": artifacts_used(),
             "extra": _jsonable(self.extra),
         }
 

@@ -99,7 +99,12 @@ def build_manifest(root: Path | None = None) -> dict[str, Any]:
             continue
         files[rel] = {"sha256": _digest(content), "columns": list(content.columns),
                       "rows": content.to_numpy().tolist()}
-    return {"version": MANIFEST_VERSION, "numerics": sorted(recorded_numerics(root)), "files": files}
+    artifacts, conflicts = recorded_artifacts(root)
+    if conflicts:
+        raise ValueError("the result files were computed from different weights under one artifact name; "
+                         "re-run the notebooks that used the older ones first:\n" + "\n".join(map(str, conflicts)))
+    return {"version": MANIFEST_VERSION, "numerics": sorted(recorded_numerics(root)), "artifacts": artifacts,
+            "files": files}
 
 
 def recorded_numerics(root: Path) -> set[str]:
@@ -109,6 +114,27 @@ def recorded_numerics(root: Path) -> set[str]:
         device = json.loads(sidecar.read_text()).get("device", {})
         modes.add(device.get("numerics", {}).get("mode", "unrecorded"))
     return modes
+
+
+def recorded_artifacts(root: Path) -> tuple[dict[str, dict[str, str]], list[Difference]]:
+    """The trained artifacts the provenance sidecars name (folder name -> {weights file: SHA-256}), and
+    one :class:`Difference` per artifact that two sidecars name with different weights."""
+    found: dict[str, dict[str, str]] = {}
+    seen_in: dict[str, str] = {}
+    conflicts = []
+    for sidecar in sorted((root / "tables").glob("*.provenance.json")):
+        for name, files in json.loads(sidecar.read_text()).get("artifacts", {}).items():
+            if name in found and found[name] != files:
+                conflicts.append(Difference(f"tables/{sidecar.name}", f"weights of {name}",
+                                            f"{_short(found[name])} (tables/{seen_in[name]})", _short(files)))
+                continue
+            found.setdefault(name, files)
+            seen_in.setdefault(name, sidecar.name)
+    return dict(sorted(found.items())), conflicts
+
+
+def _short(files: dict[str, str]) -> str:
+    return ", ".join(f"{rel} {digest[:12]}" for rel, digest in files.items())
 
 
 def write_manifest(root: Path | None = None) -> Path:
@@ -152,6 +178,14 @@ def verify(root: Path | None = None, manifest_path: Path | None = None) -> list[
     made_with, now = manifest.get("numerics", []), sorted(recorded_numerics(root))
     if made_with != now:  # not itself a difference of results, but it explains any that follow
         out.append(Difference("tables/*.provenance.json", "numerics mode", made_with, now))
+    # Other weights under the same artifact name (training did not reproduce) also explain the cell
+    # differences that follow; an artifact a run did not use again is not compared.
+    artifacts, conflicts = recorded_artifacts(root)
+    out.extend(conflicts)
+    for name, committed in manifest.get("artifacts", {}).items():
+        if name in artifacts and artifacts[name] != committed:
+            out.append(Difference("tables/*.provenance.json", f"weights of {name}", _short(committed),
+                                  _short(artifacts[name])))
     for rel, entry in manifest["files"].items():
         path = root / rel
         if not path.is_file():

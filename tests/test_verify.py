@@ -70,3 +70,49 @@ def test_without_a_manifest_verify_says_how_to_make_one(tmp_path):
     (tmp_path / "tables").mkdir()
     with pytest.raises(FileNotFoundError, match="verify --update"):
         verify.verify(tmp_path)
+
+
+def _sidecar(root: Path, name: str, weights: str) -> None:
+    import json
+
+    record = {"name": name, "artifacts": {"upper_bound-abc": {"model.pt": weights}}}
+    (root / "tables" / f"{name}.provenance.json").write_text(json.dumps(record))
+
+
+def test_other_weights_under_the_same_artifact_name_are_reported_before_the_cells(root):
+    _sidecar(root, "t4", "a" * 64)
+    verify.write_manifest(root)
+    assert verify.verify(root) == []
+    _sidecar(root, "t4", "b" * 64)  # retrained: same key, other weights
+    (root / "tables" / "t4.csv").write_text(LONG.replace("150.25", "150.26"))
+    found = verify.verify(root)
+    assert found[0].where == "weights of upper_bound-abc"
+    assert "aaaaaaaaaaaa" in str(found[0].committed) and "bbbbbbbbbbbb" in str(found[0].now)
+    assert any("150.26" in str(d) for d in found[1:])
+
+
+def test_tables_from_different_weights_under_one_name_are_named_and_not_committed(root):
+    _sidecar(root, "t4", "a" * 64)
+    _sidecar(root, "t6", "b" * 64)
+    found = [d for d in verify.verify(root) if d.where == "weights of upper_bound-abc"]
+    assert len(found) == 1 and "t4.provenance.json" in str(found[0].committed) and found[0].file.endswith(
+        "t6.provenance.json")
+    with pytest.raises(ValueError, match="upper_bound-abc"):
+        verify.write_manifest(root)
+
+
+def test_the_cache_names_each_artifact_it_serves_in_the_provenance(tmp_path):
+    import torch
+
+    from atp_repro import provenance
+    from atp_repro.mini.cache import load_or_build
+
+    def build(folder: Path) -> None:
+        torch.save({"w": torch.ones(2)}, folder / "model.pt")
+        (folder / "notes.txt").write_text("not weights")
+
+    folder, manifest, _ = load_or_build("tiny", {"k": 2}, build, root=tmp_path)
+    used = provenance.artifacts_used()[folder.name]
+    assert used == {"model.pt": manifest["files"]["model.pt"]}
+    record = provenance.start_run("t", sidecar=tmp_path / "t.provenance.json")
+    assert record.to_dict()["artifacts"][folder.name] == used

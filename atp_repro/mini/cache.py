@@ -33,6 +33,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from ..paths import atomic_write_bytes  # the project's one atomic writer
+from ..provenance import note_artifact
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -145,9 +146,11 @@ def load_or_build(
         print(f"atp-repro: another process is building {folder.name}; waiting for it", flush=True)
         lock.acquire()
     try:
-        return _load_or_build_locked(folder, spec, build, rebuild_corrupt)
+        folder, manifest, status = _load_or_build_locked(folder, spec, build, rebuild_corrupt)
     finally:
         lock.release()
+    note_artifact(folder.name, manifest.get("files", {}))  # named in the provenance of what uses it
+    return folder, manifest, status
 
 
 def _load_or_build_locked(folder: Path, spec: dict, build: Callable[[Path], dict | None],
