@@ -173,6 +173,12 @@ def _run_profile(args: argparse.Namespace, profile: str) -> int:
             state = f"skip ({job.skip_reason})" if job.skip_reason else "run"
             print(f"{job.name}: {state}; parameters {json.dumps(dict(job.parameters))}")
         return 0
+    if profile == "mini":
+        from atp_repro import numerics
+
+        warning = numerics.mkl_not_honoured()
+        if warning:
+            print(f"atp-repro: warning: {warning}", file=sys.stderr)
     results = nr.run_notebooks(
         jobs,
         jobs_in_parallel=args.jobs,

@@ -108,11 +108,16 @@ def build_manifest(root: Path | None = None) -> dict[str, Any]:
 
 
 def recorded_numerics(root: Path) -> set[str]:
-    """The numerics modes the result files' provenance sidecars record (e.g. {"pinned"})."""
+    """The numerics modes the result files' provenance sidecars record (e.g. {"pinned"}); a pinned run
+    in which the pin did not hold is its own mode, naming the code paths it ran."""
     modes = set()
     for sidecar in (root / "tables").glob("*.provenance.json"):
-        device = json.loads(sidecar.read_text()).get("device", {})
-        modes.add(device.get("numerics", {}).get("mode", "unrecorded"))
+        state = json.loads(sidecar.read_text()).get("device", {}).get("numerics", {})
+        mode = state.get("mode", "unrecorded")
+        if mode == "pinned" and state.get("in_effect") is False:  # e.g. MKL ignored the pin (non-Intel CPU)
+            mkl = state.get("mkl", {}).get("branch", "unknown")
+            mode = f"pinned, not in effect (ATen {state.get('cpu_capability')}, MKL branch {mkl})"
+        modes.add(mode)
     return modes
 
 

@@ -29,7 +29,7 @@ def test_the_command_line_pins_its_own_torch_by_default():
     out = info(clean_env())
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)["device"]["numerics"]
-    assert state["mode"] == "pinned" and state["in_effect"] is True
+    assert state["mode"] == "pinned" and state["in_effect"] is _mkl_pinned(state)
     assert state["cpu_capability"] == numerics.PINNED_CAPABILITY
     assert state["env"] == numerics.PINNED_ENV
 
@@ -60,7 +60,7 @@ def test_notebook_kernels_inherit_the_pinned_numerics(tmp_path):
     papermill.execute_notebook(str(src), str(out), kernel_name=KERNEL_NAME, progress_bar=False)
     text = nbformat.read(out, as_version=4).cells[0].outputs[0]["text"]
     state = json.loads(text)
-    assert state["in_effect"] is True and state["cpu_capability"] == "AVX2"
+    assert state["in_effect"] is _mkl_pinned(state) and state["cpu_capability"] == "AVX2"
 
 
 def test_pinning_changes_the_code_path_where_the_cpu_has_a_wider_one():
@@ -80,3 +80,41 @@ def test_makefile_exports_the_same_settings():
     text = (paths.repo_root() / "Makefile").read_text()
     for key, value in numerics.PINNED_ENV.items():
         assert f"export {key} := {value}" in text
+
+
+def _mkl_pinned(state: dict) -> bool:
+    """MKL honours MKL_CBWR=AVX2 on Intel CPUs only; elsewhere the pin cannot hold (and says so)."""
+    return state.get("mkl", {"branch": "AVX2"})["branch"] == "AVX2"
+
+
+def _cpu_vendor() -> str:
+    from pathlib import Path
+
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def test_mkl_runs_the_avx2_branch_in_strict_mode_on_intel_cpus_and_says_so_elsewhere():
+    mkl = numerics.mkl_branch()
+    if mkl is None:
+        pytest.skip("this torch build carries no MKL whose branch can be read")
+    state = numerics.state()
+    if _cpu_vendor() == "GenuineIntel":
+        assert mkl == {**mkl, "branch": "AVX2", "strict": True}
+        assert state["in_effect"] is True and numerics.cache_key() == "pinned-avx2"
+        assert numerics.mkl_not_honoured(state) is None
+    else:  # MKL's documented behaviour on other vendors: the AUTO branch
+        assert state["in_effect"] is False and "MKL runs its" in numerics.mkl_not_honoured(state)
+
+
+def test_a_pinned_process_whose_mkl_ignores_the_pin_is_not_pinned_and_keys_its_artifacts_apart(monkeypatch):
+    monkeypatch.setattr(numerics, "mkl_branch", lambda: {"branch": "AUTO", "strict": True, "auto": "AVX2"})
+    state = numerics.state()
+    assert state["in_effect"] is False and state["mkl"]["branch"] == "AUTO"
+    assert numerics.cache_key() == "pinned-avx2-mkl-auto"
+    warning = numerics.mkl_not_honoured(state)
+    assert "AUTO branch" in warning and "Intel CPUs only" in warning
+    monkeypatch.setattr(numerics, "mkl_branch", lambda: {"branch": "AVX2", "strict": True, "auto": "AVX512_E1"})
+    assert numerics.state()["in_effect"] is True and numerics.cache_key() == "pinned-avx2"

@@ -116,3 +116,17 @@ def test_the_cache_names_each_artifact_it_serves_in_the_provenance(tmp_path):
     assert used == {"model.pt": manifest["files"]["model.pt"]}
     record = provenance.start_run("t", sidecar=tmp_path / "t.provenance.json")
     assert record.to_dict()["artifacts"][folder.name] == used
+
+
+def test_a_run_whose_mkl_ignored_the_pin_is_reported_as_another_numerics_mode(root):
+    import json
+
+    pinned = {"mode": "pinned", "in_effect": True, "cpu_capability": "AVX2", "mkl": {"branch": "AVX2"}}
+    (root / "tables" / "t4.provenance.json").write_text(json.dumps({"device": {"numerics": pinned}}))
+    verify.write_manifest(root)
+    assert verify.verify(root) == []
+    amd = {**pinned, "in_effect": False, "mkl": {"branch": "AUTO"}}
+    (root / "tables" / "t4.provenance.json").write_text(json.dumps({"device": {"numerics": amd}}))
+    found = verify.verify(root)
+    assert found[0].where == "numerics mode" and found[0].committed == ["pinned"]
+    assert "MKL branch AUTO" in found[0].now[0]
