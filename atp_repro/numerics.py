@@ -1,4 +1,4 @@
-"""Bit-reproducible CPU numerics: the same commit gives the same bits on any x86-64 CPU with AVX2.
+"""Bit-reproducible CPU numerics: the same commit gives the same bits on any Intel x86-64 CPU with AVX2.
 
 Floating-point results of a CPU kernel depend on the code path the library picks at run time for
 the machine it finds: ATen's vectorised kernels (AVX2 or AVX512), oneDNN's convolutions and MKL's

@@ -3,10 +3,11 @@
 The committed manifest (``tables/MANIFEST.json``) holds, for every result table, its reproducible
 content: every cell except those that measure time on this machine (wall-times, step costs, prefill
 timings, and the claims and evidence built on them). With the pinned CPU numerics
-(:mod:`atp_repro.numerics`) a fresh ``make reproduce`` on any x86-64 CPU with AVX2 gives exactly
-that content; ``verify`` compares the files on disk with it and lists each file and cell that
-differs, with the committed and the new value. ``verify --update`` rewrites the manifest from the
-files on disk (the maintainer does this after a ``make reproduce`` whose changes are intended).
+(:mod:`atp_repro.numerics`) a fresh ``make reproduce`` on any Intel x86-64 CPU with AVX2 gives
+exactly that content (on other vendors' CPUs MKL does not take the pin, and verify says so
+first); ``verify`` compares the files on disk with it and lists each file and cell that differs,
+with the committed and the new value. ``verify --update`` rewrites the manifest from the files on
+disk (the maintainer does this after a ``make reproduce`` whose changes are intended).
 
 What counts as timing is decided by names, listed below, so that it is visible and testable.
 """
