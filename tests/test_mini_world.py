@@ -313,3 +313,35 @@ def test_notebook_defaults_are_the_library_defaults():
                 assert params[name] == value, f"{notebook.stem}: {name} = {params[name]}, library default {value}"
                 checked += 1
     assert checked >= 5 * len(expected)
+
+
+@pytest.mark.parametrize("turns", [1, 3])
+def test_kept_items_equal_fresh_ones_and_callers_cannot_change_them(tok, monkeypatch, turns):
+    fresh = MiniVQA("test", 4, tok, n_image_tokens=16, turns=turns)
+    kept = MiniVQA("test", 4, tok, n_image_tokens=16, turns=turns).keep_items()
+    for i in range(4):
+        a, b = fresh[i], kept[i]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+    item = kept[0]
+    ids = "prompt_ids" if turns == 1 else "input_ids"
+    item["meta"]["index"] = -1
+    item[ids].append(0)
+    again = kept[0]
+    assert again["meta"]["index"] == fresh[0]["meta"]["index"] and again[ids] == fresh[0][ids]
+    built = []
+    monkeypatch.setattr(kept, "_build", lambda i: built.append(i))
+    kept[1], kept[2]
+    assert built == []  # served from memory, not drawn and rendered again
+
+
+def test_setup_builds_the_test_set_once_per_world_and_vocabulary():
+    from atp_repro.mini.experiments import Setup
+
+    setup = Setup.load(n_test=12)
+    first = setup.test_set(build_tokenizer())
+    assert setup.test_set(build_tokenizer()) is first  # a new tokenizer object with the same vocabulary
+    assert len(first) == 12 and first._items is not None
+    other = Setup.load(n_test=6)
+    assert len(other.test_set(build_tokenizer())) == 6

@@ -167,6 +167,18 @@ class MiniVQA(torch.utils.data.Dataset):
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
         self._assistant = encode_words(tokenizer, ASSISTANT)
+        self._items: dict[int, dict] | None = None  # see keep_items()
+
+    def keep_items(self) -> MiniVQA:
+        """Keep every item in memory once built (returns ``self``).
+
+        For a split that many models are evaluated on (the test split): drawing, rendering and encoding
+        cost about 1 ms per item, some 15% of an evaluation of 6000 questions. Each access returns a
+        copy of the stored dict and its lists, so a caller cannot change what the next one gets; the
+        pixel tensors are shared and must not be modified in place. About 0.11 MB per 96 px item."""
+        if self._items is None:
+            self._items = {}
+        return self
 
     def __len__(self) -> int:
         return self.n
@@ -219,6 +231,15 @@ class MiniVQA(torch.utils.data.Dataset):
                 "meta": {"index": index, "turns": len(questions)}}
 
     def __getitem__(self, i: int) -> dict:
+        if self._items is None:
+            return self._build(i)
+        if i not in self._items:
+            self._items[i] = self._build(i)
+        item = self._items[i]
+        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                for k, v in item.items()}
+
+    def _build(self, i: int) -> dict:
         if self.turns > 1:
             if not 0 <= i < self.n:
                 raise IndexError(f"index {i} out of range for {self.n} samples")

@@ -88,6 +88,7 @@ class Setup:
     world: runs.MiniWorldConfig = field(default_factory=runs.MiniWorldConfig)
     finetune_steps: int = runs.FINETUNE_STEPS
     n_test: int | None = None
+    _test_sets: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, config: str | None = None, *, grid: int | None = None, ub_steps: int | None = None,
@@ -241,7 +242,12 @@ class Setup:
         return prumerge_count_range(prumerge_attention(ub, self.calibration_pixels(tok)))
 
     def test_set(self, tokenizer):
-        return self.world.dataset("test", tokenizer=tokenizer)
+        """The test split, built once per setup and tokenizer vocabulary; its items stay in memory, since
+        every model of a notebook answers the same questions."""
+        key = (self.world, tuple(sorted(tokenizer.get_vocab().items())))
+        if key not in self._test_sets:
+            self._test_sets[key] = self.world.dataset("test", tokenizer=tokenizer).keep_items()
+        return self._test_sets[key]
 
     def evaluate(self, model, info: runs.RunInfo, tokenizer) -> EvalResult:
         """Evaluate on the test split, cached by (model artifact, test set)."""
