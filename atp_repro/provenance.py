@@ -134,14 +134,20 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` entry of /proc/cpuinfo ("model name", "vendor_id", ...); None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == name:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 # Trained artifacts this process loaded or built (folder name -> {weights file: SHA-256}); the cache

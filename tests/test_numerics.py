@@ -88,12 +88,9 @@ def _mkl_pinned(state: dict) -> bool:
 
 
 def _cpu_vendor() -> str:
-    from pathlib import Path
+    from atp_repro.provenance import cpuinfo_field
 
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    return cpuinfo_field("vendor_id") or "unknown"
 
 
 def test_mkl_runs_the_avx2_branch_in_strict_mode_on_intel_cpus_and_says_so_elsewhere():
