@@ -134,10 +134,10 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def cpuinfo_field(name: str) -> str | None:
+def cpuinfo_field(name: str, path: str | Path = "/proc/cpuinfo") -> str | None:
     """The first ``name`` entry of /proc/cpuinfo ("model name", "vendor_id", ...); None where there is none."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             key, sep, value = line.partition(":")
             if sep and key.strip() == name:
                 return value.strip()

@@ -63,3 +63,15 @@ def test_run_spanning_several_cells(tmp_path: Path) -> None:
     assert json.loads(sidecar.read_text())["status"] == "ok"
     with pytest.raises(RuntimeError, match="start_run"):
         provenance.RunRecord(name="n", run_id="r").finish()
+
+
+def test_cpuinfo_field_reads_the_first_entry_and_none_when_absent(tmp_path):
+    from atp_repro.provenance import cpuinfo_field
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+                    "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    assert cpuinfo_field("vendor_id", info) == "AuthenticAMD"
+    assert cpuinfo_field("model name", info) == "AMD EPYC 7B13"
+    assert cpuinfo_field("flags", info) is None
+    assert cpuinfo_field("vendor_id", tmp_path / "missing") is None

@@ -330,6 +330,8 @@ def test_kept_items_equal_fresh_ones_and_callers_cannot_change_them(tok, monkeyp
     item[ids].append(0)
     again = kept[0]
     assert again["meta"]["index"] == fresh[0]["meta"]["index"] and again[ids] == fresh[0][ids]
+    item["pixel_values"].zero_()
+    assert torch.equal(kept[0]["pixel_values"], fresh[0]["pixel_values"])
     built = []
     monkeypatch.setattr(kept, "_build", lambda i: built.append(i))
     kept[1], kept[2]
@@ -337,11 +339,14 @@ def test_kept_items_equal_fresh_ones_and_callers_cannot_change_them(tok, monkeyp
 
 
 def test_setup_builds_the_test_set_once_per_world_and_vocabulary():
+    import dataclasses
+
     from atp_repro.mini.experiments import Setup
 
     setup = Setup.load(n_test=12)
     first = setup.test_set(build_tokenizer())
     assert setup.test_set(build_tokenizer()) is first  # a new tokenizer object with the same vocabulary
     assert len(first) == 12 and first._items is not None
-    other = Setup.load(n_test=6)
-    assert len(other.test_set(build_tokenizer())) == 6
+    setup.world = setup.world.replace(n_test=6)  # another world: another test set
+    assert len(setup.test_set(build_tokenizer())) == 6
+    assert dataclasses.replace(setup)._test_sets == {}  # a copy starts with its own, empty store
