@@ -279,8 +279,10 @@ def test_the_saved_model_reloads_with_trained_thresholds_and_generates(zero3_run
 
 
 def _cpu_has_fast_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from atp_repro.provenance import cpuinfo_field
+
+    flags = (cpuinfo_field("flags") or "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @pytest.mark.distributed

@@ -167,7 +167,7 @@ class MiniVQA(torch.utils.data.Dataset):
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
         self._assistant = encode_words(tokenizer, ASSISTANT)
-        self._items: dict[int, dict] | None = None  # see keep_items()
+        self._items: dict[int, tuple[dict, np.ndarray]] | None = None  # see keep_items(): (item, uint8 image)
 
     def keep_items(self) -> MiniVQA:
         """Keep every item in memory once built (returns ``self``).
