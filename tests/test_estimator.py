@@ -129,3 +129,37 @@ def test_budget_gradient_reaches_the_thresholds_not_the_scores():
     assert float(lm.atp_modules[0].threshold_net.redundancy_head.bias.grad.abs()) > 0
     # The language model cannot lower the budget by reshaping its attention scores.
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in lm.layers.parameters())
+
+
+@pytest.mark.parametrize("criteria", ["both", "spatial"])
+def test_calibration_replays_each_modules_decision_instead_of_running_the_model(criteria):
+    # Calibration runs one forward per module (plus one for N_0) and bisects on the recorded inputs of
+    # the module's decide; the counts it reaches are those a full forward at the calibrated thresholds gives.
+    from atp_repro.atp.api import last_atp_record
+    from atp_repro.atp.calibration import _stage_mean_of
+
+    config = real_atp_config(n_target=20.0, criteria=criteria)
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), config).eval()
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4, 2, 5), prompt_lengths=(6, 5, 7, 4), seed=2)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    report = calibrate_thresholds(model, inputs)
+    handle.remove()
+    assert len(forwards) == len(config.module_layers) + 1
+    with torch.no_grad():
+        model(**inputs)
+    counts = last_atp_record(model).stage_counts.float().mean(0)
+    assert report["kept"] == [float(c) for c in counts[1:]]
+    # At other thresholds too, the replayed decision counts what the forward counts.
+    module = model.model.language_model.atp_modules[1]
+    head = module.threshold_net.spatial_head if criteria == "spatial" else module.threshold_net.redundancy_head
+    with torch.no_grad():
+        replay = _stage_mean_of(model, inputs, module)
+        assert "decide" not in vars(module)  # the method is restored
+        seen = set()
+        for bias in (-6.0, -1.0, 0.0, 1.5):
+            head.bias.fill_(bias)
+            model(**inputs)
+            seen.add(replay())
+            assert replay() == float(last_atp_record(model).stage_counts[:, 2].float().mean())
+    assert len(seen) > 1  # the thresholds tried change the count
