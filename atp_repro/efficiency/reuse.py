@@ -1,0 +1,110 @@
+"""Timing measurements kept like trained artifacts: a warm ``make reproduce`` reuses them.
+
+A benchmark's result is stored in the artifact cache (:mod:`atp_repro.mini.cache`: checksummed,
+written atomically, one builder per key) under a key made of
+
+* what was measured: the benchmark's name and its config;
+* where: processor (or CUDA device) name, core count, torch version and thread count, and the
+  numerics mode (``ATP_REPRO_NUMERICS``);
+* the code that measured: SHA-256 of the sources of ``atp_repro.efficiency`` and ``atp_repro.atp``.
+
+Any change to one of them measures again; so does ``remeasure=True`` (the notebooks' ``remeasure``
+parameter), which replaces the stored result. A reused result is the same object the measurement
+returned, so a second run of a notebook gives the same tables; :func:`describe` says when and under
+what load it was measured.
+
+    >>> m = measured("generation", config.to_dict(), lambda: run_generation_benchmark(config))
+    >>> m.result, m.status    # status: "measured" or "reused"
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from atp_repro.mini.cache import artifact_dir, load_or_build
+from atp_repro.paths import atomic_write_bytes
+
+T = TypeVar("T")
+RESULT = "result.pkl"
+MEASURING_CODE = ("efficiency", "atp")  # subpackages of atp_repro whose sources are part of the key
+
+
+def code_hash() -> str:
+    """SHA-256 over the sources of the packages that build the timed models and time them."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in MEASURING_CODE:
+        for path in sorted((root / package).glob("*.py")):
+            digest.update(f"{package}/{path.name}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def machine_key() -> dict[str, Any]:
+    """What identifies the machine a timing belongs to."""
+    from atp_repro.provenance import device_info
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"processor": str(device_info().get("processor", "")), "cpu_count": os.cpu_count(), "cuda": cuda,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "numerics": os.environ.get("ATP_REPRO_NUMERICS", "")}
+
+
+def measurement_spec(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "timing", "benchmark": kind, "config": config, "machine": machine_key(), "code": code_hash()}
+
+
+@dataclass
+class Measurement(Generic[T]):
+    result: T
+    status: str  # "measured" (this call) or "reused" (stored by an earlier call)
+    measured_at: str  # UTC, ISO 8601
+    load_average: tuple[float, float, float] | None  # 1, 5, 15 min, when the measurement finished
+    folder: Path
+
+
+def measured(kind: str, config: dict[str, Any], measure: Callable[[], T], *, remeasure: bool = False) -> Measurement[T]:
+    """The stored result of ``measure()`` for ``kind`` and ``config`` on this machine and code, measuring
+    (and storing) it if there is none or ``remeasure`` is true."""
+    if not isinstance(remeasure, bool):
+        raise ValueError(f"remeasure must be True or False, got {remeasure!r}")
+    spec = measurement_spec(kind, config)
+    if remeasure:
+        shutil.rmtree(artifact_dir("timing", spec), ignore_errors=True)
+    fresh = []
+
+    def build(folder: Path) -> dict[str, Any]:
+        result = measure()
+        atomic_write_bytes(folder / RESULT, pickle.dumps(result))
+        fresh.append(result)
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        return {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "load_average": None if load is None else [round(x, 2) for x in load]}
+
+    folder, manifest, _ = load_or_build("timing", spec, build)
+    if fresh:
+        result, status = fresh[0], "measured"
+    else:
+        result, status = pickle.loads((folder / RESULT).read_bytes()), "reused"
+    load = manifest.get("load_average")
+    return Measurement(result, status, str(manifest.get("measured_at", "")), None if load is None else tuple(load),
+                       folder)
+
+
+def describe(m: Measurement) -> str:
+    """One line for a notebook: measured now or reused, when, and the load average then."""
+    load = "" if m.load_average is None else f", load average {m.load_average[0]:.2f} when it finished"
+    if m.status == "measured":
+        return f"measured in this run ({m.measured_at}{load}); stored as {m.folder.name}"
+    return (f"reused from {m.measured_at} ({m.folder.name}, same machine, config and code{load}); "
+            "run with remeasure=True to measure again")

@@ -1,0 +1,75 @@
+"""Stored timing measurements: reused on the same machine, config and code; measured again otherwise."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from atp_repro.efficiency import reuse
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATP_REPRO_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def counting(value):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return pd.DataFrame({"round": [0, 1], "seconds": [value, value + len(calls)]})
+
+    return measure, calls
+
+
+def test_a_second_call_reuses_the_stored_result(cache):
+    measure, calls = counting(1.5)
+    first = reuse.measured("bench", {"repeats": 3}, measure)
+    second = reuse.measured("bench", {"repeats": 3}, measure)
+    assert (first.status, second.status) == ("measured", "reused")
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first.result, second.result)
+    assert second.measured_at == first.measured_at and first.measured_at
+    assert "reused from" in reuse.describe(second) and "remeasure=True" in reuse.describe(second)
+    assert "measured in this run" in reuse.describe(first)
+
+
+def test_another_config_or_remeasure_measures_again(cache):
+    measure, calls = counting(2.0)
+    reuse.measured("bench", {"repeats": 3}, measure)
+    other = reuse.measured("bench", {"repeats": 5}, measure)
+    assert other.status == "measured" and len(calls) == 2
+    again = reuse.measured("bench", {"repeats": 3}, measure, remeasure=True)
+    assert again.status == "measured" and len(calls) == 3
+    assert float(again.result.seconds.iloc[1]) == 5.0  # the new measurement, not the stored one
+    assert float(reuse.measured("bench", {"repeats": 3}, measure).result.seconds.iloc[1]) == 5.0  # and it replaced it
+
+
+def test_the_key_holds_the_machine_and_the_measuring_code(cache, monkeypatch):
+    spec = reuse.measurement_spec("bench", {"repeats": 3})
+    assert spec["machine"]["torch"] and "processor" in spec["machine"] and "threads" in spec["machine"]
+    assert len(spec["code"]) == 64
+    measure, calls = counting(1.0)
+    reuse.measured("bench", {"repeats": 3}, measure)
+    monkeypatch.setattr(reuse, "code_hash", lambda: "0" * 64)  # the timing code changed
+    assert reuse.measured("bench", {"repeats": 3}, measure).status == "measured"
+    monkeypatch.setattr(reuse, "machine_key", lambda: {"processor": "another CPU"})
+    assert reuse.measured("bench", {"repeats": 3}, measure).status == "measured"
+    assert len(calls) == 3
+
+
+def test_a_failed_measurement_stores_nothing(cache):
+    def broken():
+        raise RuntimeError("the benchmark failed")
+
+    with pytest.raises(RuntimeError, match="the benchmark failed"):
+        reuse.measured("bench", {"repeats": 3}, broken)
+    measure, calls = counting(1.0)
+    assert reuse.measured("bench", {"repeats": 3}, measure).status == "measured" and len(calls) == 1
+
+
+def test_remeasure_must_be_a_bool(cache):
+    with pytest.raises(ValueError, match="remeasure must be True or False"):
+        reuse.measured("bench", {}, lambda: 1, remeasure="yes")
