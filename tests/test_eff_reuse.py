@@ -50,10 +50,12 @@ def test_another_config_or_remeasure_measures_again(cache):
 def test_the_key_holds_the_machine_and_the_measuring_code(cache, monkeypatch):
     spec = reuse.measurement_spec("bench", {"repeats": 3})
     assert spec["machine"]["torch"] and "processor" in spec["machine"] and "threads" in spec["machine"]
-    assert len(spec["code"]) == 64
+    assert spec["code"]["packages"] == ["efficiency", "atp"] and len(spec["code"]["sha256"]) == 64
+    mini = reuse.measurement_spec("bench", {"repeats": 3}, code=("mini", "atp"))["code"]
+    assert mini["packages"] == ["mini", "atp"] and mini["sha256"] != spec["code"]["sha256"]
     measure, calls = counting(1.0)
     reuse.measured("bench", {"repeats": 3}, measure)
-    monkeypatch.setattr(reuse, "code_hash", lambda: "0" * 64)  # the timing code changed
+    monkeypatch.setattr(reuse, "code_hash", lambda packages: "0" * 64)  # the timing code changed
     assert reuse.measured("bench", {"repeats": 3}, measure).status == "measured"
     monkeypatch.setattr(reuse, "machine_key", lambda: {"processor": "another CPU"})
     assert reuse.measured("bench", {"repeats": 3}, measure).status == "measured"

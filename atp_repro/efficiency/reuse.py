@@ -6,7 +6,8 @@ written atomically, one builder per key) under a key made of
 * what was measured: the benchmark's name and its config;
 * where: processor (or CUDA device) name, core count, torch version and thread count, and the
   numerics mode (``ATP_REPRO_NUMERICS``);
-* the code that measured: SHA-256 of the sources of ``atp_repro.efficiency`` and ``atp_repro.atp``.
+* the code that measured: SHA-256 of the sources of ``atp_repro.efficiency`` and ``atp_repro.atp``
+  (or of the subpackages named by ``code``: Table 4's grid cost times mini-world training).
 
 Any change to one of them measures again; so does ``remeasure=True`` (the notebooks' ``remeasure``
 parameter), which replaces the stored result. A reused result is the same object the measurement
@@ -36,14 +37,14 @@ from atp_repro.paths import atomic_write_bytes
 
 T = TypeVar("T")
 RESULT = "result.pkl"
-MEASURING_CODE = ("efficiency", "atp")  # subpackages of atp_repro whose sources are part of the key
+TIMING_CODE = ("efficiency", "atp")  # subpackages of atp_repro whose sources are part of a key by default
 
 
-def code_hash() -> str:
-    """SHA-256 over the sources of the packages that build the timed models and time them."""
+def code_hash(packages: tuple[str, ...] = TIMING_CODE) -> str:
+    """SHA-256 over the sources of the subpackages of atp_repro that build the timed models and time them."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for package in MEASURING_CODE:
+    for package in packages:
         for path in sorted((root / package).glob("*.py")):
             digest.update(f"{package}/{path.name}\0".encode())
             digest.update(path.read_bytes())
@@ -60,8 +61,9 @@ def machine_key() -> dict[str, Any]:
             "numerics": os.environ.get("ATP_REPRO_NUMERICS", "")}
 
 
-def measurement_spec(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "timing", "benchmark": kind, "config": config, "machine": machine_key(), "code": code_hash()}
+def measurement_spec(kind: str, config: dict[str, Any], code: tuple[str, ...] = TIMING_CODE) -> dict[str, Any]:
+    return {"kind": "timing", "benchmark": kind, "config": config, "machine": machine_key(),
+            "code": {"packages": list(code), "sha256": code_hash(code)}}
 
 
 @dataclass
@@ -73,12 +75,13 @@ class Measurement(Generic[T]):
     folder: Path
 
 
-def measured(kind: str, config: dict[str, Any], measure: Callable[[], T], *, remeasure: bool = False) -> Measurement[T]:
-    """The stored result of ``measure()`` for ``kind`` and ``config`` on this machine and code, measuring
-    (and storing) it if there is none or ``remeasure`` is true."""
+def measured(kind: str, config: dict[str, Any], measure: Callable[[], T], *, remeasure: bool = False,
+             code: tuple[str, ...] = TIMING_CODE) -> Measurement[T]:
+    """The stored result of ``measure()`` for ``kind`` and ``config`` on this machine and code (the
+    subpackages ``code`` of atp_repro), measuring (and storing) it if there is none or ``remeasure`` is true."""
     if not isinstance(remeasure, bool):
         raise ValueError(f"remeasure must be True or False, got {remeasure!r}")
-    spec = measurement_spec(kind, config)
+    spec = measurement_spec(kind, config, code)
     if remeasure:
         shutil.rmtree(artifact_dir("timing", spec), ignore_errors=True)
     fresh = []
