@@ -50,7 +50,8 @@ def test_another_config_or_remeasure_measures_again(cache):
 def test_the_key_holds_the_machine_and_the_measuring_code(cache, monkeypatch):
     spec = reuse.measurement_spec("bench", {"repeats": 3})
     assert spec["machine"]["torch"] and "processor" in spec["machine"] and "threads" in spec["machine"]
-    assert spec["code"]["packages"] == ["efficiency", "atp"] and len(spec["code"]["sha256"]) == 64
+    assert spec["code"]["packages"] == ["efficiency", "atp", "baselines.py"] and len(spec["code"]["sha256"]) == 64
+    assert {"transformers", "python", "numerics"} <= set(spec["machine"])
     mini = reuse.measurement_spec("bench", {"repeats": 3}, code=("mini", "atp"))["code"]
     assert mini["packages"] == ["mini", "atp"] and mini["sha256"] != spec["code"]["sha256"]
     measure, calls = counting(1.0)
@@ -72,6 +73,25 @@ def test_a_failed_measurement_stores_nothing(cache):
     assert reuse.measured("bench", {"repeats": 3}, measure).status == "measured" and len(calls) == 1
 
 
-def test_remeasure_must_be_a_bool(cache):
+def test_bad_arguments_are_rejected_naming_them(cache):
     with pytest.raises(ValueError, match="remeasure must be True or False"):
         reuse.measured("bench", {}, lambda: 1, remeasure="yes")
+    with pytest.raises(ValueError, match="threads must be an int >= 1 or None"):
+        reuse.measured("bench", {}, lambda: 1, threads=0)
+    with pytest.raises(ValueError, match="code: 'no_such_part' is not a subpackage or module of atp_repro"):
+        reuse.measured("bench", {}, lambda: 1, code=("no_such_part",))
+
+
+def test_threads_are_set_before_the_key_is_made(cache):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        seen = []
+        m = reuse.measured("bench", {}, lambda: seen.append(torch.get_num_threads()) or 1, threads=1)
+        assert seen == [1] and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert reuse.measured("bench", {}, lambda: 2, threads=1).status == "reused"  # the same key as above
+        assert reuse.provenance(m)[m.folder.name]["status"] == "measured"
+    finally:
+        torch.set_num_threads(before)

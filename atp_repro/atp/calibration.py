@@ -102,7 +102,7 @@ def calibrate_thresholds(
         batch: model inputs (``input_ids``, ``attention_mask``, ``pixel_values``; ``labels`` so that
             answer tokens are excluded from the cross-modality score as in training).
         n_target: the budget (default: the model's ``ATPConfig.n_target``).
-        iterations: bisection steps on each bias (logit space, between theta 1e-6 and 1 - 1e-6).
+        iterations: bisection steps on each bias (logit space, between theta 1e-6 and 1 - 1e-4).
     Returns:
         ``{"target": [...], "kept": [...], "theta_r": [...], "saturated": [...]}`` per module: the
         stage count aimed at, the batch-mean count reached, the calibrated theta_r (at zero head
@@ -158,22 +158,26 @@ def _stage_mean_of(model: nn.Module, batch: Mapping[str, torch.Tensor], module: 
     that gives the batch-mean count kept after ``module`` at its current parameters from those arguments
     alone (equal to ``stage_counts[:, m + 1].mean()`` of a full forward, which computes it the same way)."""
     calls = []
+    decide = module.decide  # what the forward would call (an instance-level override included)
 
     def record(*args, **kwargs):
         calls.append((args, kwargs))
-        return type(module).decide(module, *args, **kwargs)
+        return decide(*args, **kwargs)
 
+    shadowed = vars(module).get("decide")  # an instance-level decide someone else set, put back after
     module.decide = record  # an instance attribute shadows the method for this one forward
     try:
         model(**batch)
     finally:
         del module.decide
+        if shadowed is not None:
+            module.decide = shadowed
     if len(calls) != 1:
         raise RuntimeError(f"calibration: module {module.index} decided {len(calls)} times in one forward, "
                            "expected once")
     args, kwargs = calls[0]
 
     def stage_mean() -> float:
-        return float(module.decide(*args, **kwargs).keep.sum(-1).float().mean())
+        return float(decide(*args, **kwargs).keep.sum(-1).float().mean())
 
     return stage_mean

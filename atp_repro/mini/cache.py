@@ -130,11 +130,13 @@ def load_or_build(
     *,
     root: Path | None = None,
     rebuild_corrupt: bool = True,
+    rebuild: bool = False,
 ) -> tuple[Path, dict, str]:
     """Return ``(folder, manifest, status)``; status is ``"hit"``, ``"built"`` or ``"rebuilt"``.
 
     ``build(folder)`` must write the artifact's files into ``folder`` (it may resume from files it
-    left there earlier) and may return extra manifest fields (metrics, wall-time).
+    left there earlier) and may return extra manifest fields (metrics, wall-time). ``rebuild=True``
+    discards a stored artifact (under the lock) and builds it again.
     """
     folder = artifact_dir(name, spec, root)
     lock_dir = folder.parent / ".locks"
@@ -146,6 +148,8 @@ def load_or_build(
         print(f"atp-repro: another process is building {folder.name}; waiting for it", flush=True)
         lock.acquire()
     try:
+        if rebuild and folder.exists():
+            shutil.rmtree(folder)
         folder, manifest, status = _load_or_build_locked(folder, spec, build, rebuild_corrupt)
     finally:
         lock.release()
