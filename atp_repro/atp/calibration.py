@@ -169,8 +169,9 @@ def _stage_mean_of(model: nn.Module, batch: Mapping[str, torch.Tensor], module: 
     try:
         model(**batch)
     finally:
-        del module.decide
-        if shadowed is not None:
+        if shadowed is None:
+            del module.decide
+        else:
             module.decide = shadowed
     if len(calls) != 1:
         raise RuntimeError(f"calibration: module {module.index} decided {len(calls)} times in one forward, "

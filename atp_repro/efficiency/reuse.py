@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
 import pickle
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
-import transformers
 
 from atp_repro.mini.cache import load_or_build
 from atp_repro.paths import atomic_write_bytes
+
+from .machine import _load1
 
 T = TypeVar("T")
 RESULT = "result.pkl"
@@ -60,14 +59,14 @@ def code_hash(parts: tuple[str, ...] = TIMING_CODE) -> str:
 
 
 def machine_key() -> dict[str, Any]:
-    """What identifies the machine a timing belongs to."""
+    """What identifies the machine a timing belongs to (from the provenance's own readers)."""
     from atp_repro import numerics
-    from atp_repro.provenance import device_info
+    from atp_repro.provenance import device_info, package_versions
 
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"processor": str(device_info().get("processor", "")), "cpu_count": os.cpu_count(), "cuda": cuda,
+    info = device_info()
+    return {"processor": info["processor"], "cpu_count": info["cpu_count"], "gpus": info.get("gpus"),
             "threads": torch.get_num_threads(), "numerics": numerics.cache_key(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+            **package_versions(("torch", "transformers"))}
 
 
 def measurement_spec(kind: str, config: dict[str, Any], code: tuple[str, ...] = TIMING_CODE) -> dict[str, Any]:
@@ -80,7 +79,7 @@ class Measurement(Generic[T]):
     result: T
     status: str  # "measured" (this call) or "reused" (stored by an earlier call)
     measured_at: str  # UTC, ISO 8601
-    load_average: tuple[float, float, float] | None  # 1, 5, 15 min, when the measurement finished
+    load1: float | None  # 1-minute load average when the measurement finished
     folder: Path
 
 
@@ -106,23 +105,19 @@ def measured(kind: str, config: dict[str, Any], measure: Callable[[], T], *, rem
         result = measure()
         atomic_write_bytes(folder / RESULT, pickle.dumps(result))
         fresh.append(result)
-        load = os.getloadavg() if hasattr(os, "getloadavg") else None
-        return {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "load_average": None if load is None else [round(x, 2) for x in load]}
+        return {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "load1": _load1()}
 
     folder, manifest, _ = load_or_build("timing", spec, build, rebuild=remeasure)
     if fresh:
         result, status = fresh[0], "measured"
     else:
         result, status = pickle.loads((folder / RESULT).read_bytes()), "reused"
-    load = manifest.get("load_average")
-    return Measurement(result, status, str(manifest.get("measured_at", "")), None if load is None else tuple(load),
-                       folder)
+    return Measurement(result, status, str(manifest.get("measured_at", "")), manifest.get("load1"), folder)
 
 
 def describe(m: Measurement) -> str:
     """One line for a notebook: measured now or reused, when, and the load average then."""
-    load = "" if m.load_average is None else f", load average {m.load_average[0]:.2f} when it finished"
+    load = "" if m.load1 is None else f", load average {m.load1:.2f} when it finished"
     if m.status == "measured":
         return f"measured in this run ({m.measured_at}{load}); stored as {m.folder.name}"
     return (f"reused from {m.measured_at} ({m.folder.name}, same machine, config and code{load}); "
@@ -132,6 +127,5 @@ def describe(m: Measurement) -> str:
 def provenance(*measurements: Measurement) -> dict[str, dict[str, Any]]:
     """For a run's provenance sidecar: each measurement's stored folder, whether this run measured or
     reused it, and when it was measured."""
-    return {m.folder.name: {"status": m.status, "measured_at": m.measured_at,
-                            "load_average": None if m.load_average is None else list(m.load_average)}
+    return {m.folder.name: {"status": m.status, "measured_at": m.measured_at, "load1": m.load1}
             for m in measurements}
