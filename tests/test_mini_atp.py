@@ -59,3 +59,39 @@ def test_mask_helpers():
     img = np.full((8, 8, 3), 200, np.uint8)
     out = overlay(img, m)
     assert out[0, 0, 0] == 200 and out[0, 2, 0] == 50
+
+
+def test_stage1_start_trains_atp_through_the_upper_bounds_stage_2_without_reading_its_weights(cache_dir):
+    from atp_repro.mini import runs
+    from atp_repro.mini.model import build_model
+    from atp_repro.mini.tokenizer import build_tokenizer
+
+    stage2 = TINY_WORLD.train.replace(lr_atp=5e-2)
+    model, tok, info = atp_finetune(TINY_WORLD, ATP, stage2, progress=False, start="stage1")
+    assert info.manifest["spec"]["start"] == "stage1"
+    assert len(info.manifest["losses"]) == TINY_WORLD.train.steps  # the upper bound's step count
+    # Only the tower comes from pretraining: the run never trains (or loads) the upper bound ...
+    assert not list(cache_dir.glob("upper_bound-*"))
+    # ... its LM starts at the upper bound's initialisation and trains; the tower stays frozen.
+    init = build_model(TINY_WORLD.model, build_tokenizer()).state_dict()
+    vision, _ = runs.pretrained_vision(TINY_WORLD, progress=False)
+    trained = model.state_dict()
+    assert all(torch.equal(trained[f"model.vision_tower.{k}"], v) for k, v in vision.items())
+    lm = [k for k in init if k.startswith("model.language_model.")]
+    assert any(not torch.equal(trained[k], init[k]) for k in lm)
+    # A run from the finished upper bound is another artifact.
+    _, _, other = atp_finetune(TINY_WORLD, ATP, stage2, progress=False)
+    assert other.spec_hash != info.spec_hash and "start" not in other.manifest["spec"]
+
+
+def test_stage1_start_refuses_a_frozen_lm_and_unknown_starts(cache_dir):
+    from atp_repro.mini.experiments import Variant
+
+    with pytest.raises(ValueError, match="trainable='lm'"):
+        atp_finetune(TINY_WORLD, ATP, FT.replace(trainable="atp"), progress=False, start="stage1")
+    with pytest.raises(ValueError, match=r"start must be one of \('upper_bound', 'stage1'\)"):
+        atp_finetune(TINY_WORLD, ATP, FT, progress=False, start="stage2")
+    with pytest.raises(ValueError, match="frozen_lm"):
+        Variant(144, True, start="stage1")
+    with pytest.raises(ValueError, match="Variant.start must be one of"):
+        Variant(144, start="scratch")

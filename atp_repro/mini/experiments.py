@@ -43,6 +43,10 @@ class Variant:
     ``prune=False`` is the control run: the same modules, losses and fine-tune, but every module keeps
     all vision tokens (``fixed_keep`` = the grid), so its distance to the upper bound is what the
     fine-tune alone costs and its distance to the pruned run is what pruning costs.
+
+    ``start``: ``"upper_bound"`` fine-tunes the finished upper bound for the setup's fine-tune steps;
+    ``"stage1"`` trains ATP through the upper bound's stage 2 from the stage-1 model (the paper's
+    trainable-LM setting, :func:`atp_repro.mini.runs.atp_finetune`), for the upper bound's steps.
     """
 
     tokens_576: float = 144.0
@@ -50,6 +54,13 @@ class Variant:
     atp: tuple[tuple[str, Any], ...] = ()
     description: str = ""
     prune: bool = True
+    start: str = "upper_bound"
+
+    def __post_init__(self) -> None:
+        if self.start not in runs.STARTS:
+            raise ValueError(f"Variant.start must be one of {runs.STARTS}, got {self.start!r}")
+        if self.start == "stage1" and self.frozen_lm:
+            raise ValueError("Variant: start='stage1' trains the LM through stage 2; it cannot have frozen_lm=True")
 
     def atp_changes(self) -> dict[str, Any]:
         return dict(self.atp)
@@ -63,6 +74,10 @@ VARIANTS: dict[str, Variant] = {
     "frozen_88": Variant(88, True, (("position_encoding", "original"),), "frozen LM, 88-token goal"),
     "trainable_keep_all": Variant(144, False, (), "control: trainable_144's fine-tune with every vision token kept",
                                   prune=False),
+    # the paper's trainable-LM setting: ATP trained through the upper bound's stage 2 from the stage-1 model
+    "stage2_144": Variant(144, False, (), "ATP in stage 2 from the stage-1 model (paper's trainable-LM setting)",
+                          start="stage1"),
+    "stage2_88": Variant(88, False, (), "ATP in stage 2, 88-token goal", start="stage1"),
     # supplementary Table 6 (the 0.1 / 0.2 row is trainable_144)
     "lambda_1_1": Variant(144, False, (("lambda_atp", 1.0), ("lambda_target", 1.0)), "Table 6 row 1"),
     "lambda_0.05_0.2": Variant(144, False, (("lambda_atp", 0.05), ("lambda_target", 0.2)), "Table 6 row 3"),
@@ -140,8 +155,14 @@ class Setup:
         return cfg
 
     def train_config(self, variant: Variant, seed: int = 0):
-        """Fine-tune settings; ``seed`` k > 0 offsets the config's seed (data order and ATP initialisation)."""
-        cfg = runs.finetune_config(self.cfg, steps=self.finetune_steps, frozen_lm=variant.frozen_lm)
+        """Training settings; ``seed`` k > 0 offsets the seed (data order and ATP initialisation).
+
+        A ``start="stage1"`` variant trains with the upper bound's stage-2 settings (steps, batch, data,
+        LM learning rate and schedule) and the config's ATP learning rate."""
+        if variant.start == "stage1":
+            cfg = self.world.train.replace(lr_atp=self.cfg.training.lr_atp)
+        else:
+            cfg = runs.finetune_config(self.cfg, steps=self.finetune_steps, frozen_lm=variant.frozen_lm)
         return cfg.replace(seed=cfg.seed + seed) if seed else cfg
 
     def upper_bound(self, progress: bool = True):
@@ -159,7 +180,8 @@ class Setup:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {name!r}")
         if not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v, seed), progress=progress)
+        return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v, seed), progress=progress,
+                                 start=v.start)
 
     def qwen_upper_bound(self, qwen=None, progress: bool = True):
         """The mini Qwen2-VL upper bound (:mod:`atp_repro.mini.qwen`), built from this setup's upper bound."""

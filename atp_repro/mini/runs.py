@@ -300,15 +300,36 @@ def mean_vision_tokens(model: torch.nn.Module) -> float:
     return float(token_counts(model).float().mean())
 
 
-def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True,
-                 qwen: Any = None):
-    """Insert ATP modules into the upper-bound model and fine-tune (``train_cfg.trainable``: lm or atp).
+STARTS = ("upper_bound", "stage1")  # where an ATP run starts: see atp_finetune
 
-    ``qwen`` (a :class:`~atp_repro.mini.qwen.QwenMiniConfig`): into the mini Qwen2-VL upper bound instead."""
+
+def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True,
+                 qwen: Any = None, start: str = "upper_bound"):
+    """Insert ATP modules and train them (``train_cfg.trainable``: lm or atp); returns (model, tokenizer, info).
+
+    ``start="upper_bound"``: into the finished upper-bound model, fine-tuned on single-question samples
+    (the paper's frozen-LM setting, and its Table 8 "one more epoch" setting). ``start="stage1"``: into the
+    stage-1 model (the pretrained vision tower, projector and LM as initialised), then trained through
+    the upper bound's own stage 2 (its multi-turn conversations, data order, learning-rate schedule and
+    steps: pass ``world.train`` with the ATP rate and seed): the paper's trainable-LM setting, where
+    ATP-LLaVA completes LLaVA-1.5's stage 2 with the modules in place (supplementary Sec. 1 and 4).
+    ``qwen`` (a :class:`~atp_repro.mini.qwen.QwenMiniConfig`): into the mini Qwen2-VL upper bound instead.
+    """
     from atp_repro import apply_atp, atp_parameters, budget_loss  # the core method
 
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if start == "stage1" and (qwen is not None or train_cfg.trainable != "lm"):
+        raise ValueError("start='stage1' trains the LM from its initialisation: it needs train_cfg.trainable='lm' "
+                         f"and the mini LLaVA (qwen=None), got trainable={train_cfg.trainable!r}, qwen={qwen!r}")
     spec = atp_spec(world, atp_cfg, train_cfg)
-    if qwen is None:
+    if start == "stage1":
+        # The parent spec names the recipe (tower, data, conversations, model init) this run shares with
+        # the upper bound; the run does not read the upper bound's weights.
+        spec["start"] = "stage1"
+        tok = build_tokenizer()
+        ub = None
+    elif qwen is None:
         ub, tok, _ = upper_bound(world, progress=progress)
     else:
         from .qwen import qwen_mini_model, qwen_upper_bound, qwen_upper_bound_spec
@@ -317,13 +338,21 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
         ub, tok, _ = qwen_upper_bound(world, qwen, progress=progress)
 
     def build(folder: Path) -> dict:
+        base = ub
+        if start == "stage1":
+            base = build_model(world.model, tok)  # the upper bound's initialisation (same model seed)
+            vision, _ = pretrained_vision(world, progress=progress)
+            base.model.vision_tower.load_state_dict(vision)
         # The threshold networks' trunks are drawn at insertion. From the global RNG they would depend
         # on what ran before in the process (a freshly trained upper bound vs one loaded from the cache
         # gave different fine-tunes: 309 vs 264 tokens, measured), so they are drawn from the run's seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
-            model = apply_atp(ub, atp_cfg)
-        ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
+            model = apply_atp(base, atp_cfg)
+        if start == "stage1":
+            ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok, turns=world.ub_turns)
+        else:
+            ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
