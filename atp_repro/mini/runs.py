@@ -227,15 +227,22 @@ def _finish(folder: Path, model: torch.nn.Module, tok, result, extra: dict) -> d
     }
 
 
+def stage1_model(world: MiniWorldConfig, tok, *, progress: bool = True) -> tuple[Any, RunInfo]:
+    """The stage-1 model: the pretrained vision tower, projector and LM as initialised (``world.model.seed``).
+    The upper bound, and ATP runs with ``start="stage1"``, train stage 2 from it."""
+    model = build_model(world.model, tok)
+    vision, vinfo = pretrained_vision(world, progress=progress)
+    model.model.vision_tower.load_state_dict(vision)
+    return model, vinfo
+
+
 def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = True):
     """The all-tokens model (the paper's "Upper Bound"), trained from scratch on the train split."""
     spec = upper_bound_spec(world)
     tok = build_tokenizer()
 
     def build(folder: Path) -> dict:
-        model = build_model(world.model, tok)
-        vision, vinfo = pretrained_vision(world, progress=progress)
-        model.model.vision_tower.load_state_dict(vision)
+        model, vinfo = stage1_model(world, tok, progress=progress)
         ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
         dropout = (VisionTokenDropout(model, world.ub_token_dropout, seed=world.train.seed)
                    if world.ub_token_dropout else None)
@@ -338,21 +345,16 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
         ub, tok, _ = qwen_upper_bound(world, qwen, progress=progress)
 
     def build(folder: Path) -> dict:
-        base = ub
-        if start == "stage1":
-            base = build_model(world.model, tok)  # the upper bound's initialisation (same model seed)
-            vision, _ = pretrained_vision(world, progress=progress)
-            base.model.vision_tower.load_state_dict(vision)
+        base = stage1_model(world, tok, progress=progress)[0] if start == "stage1" else ub
         # The threshold networks' trunks are drawn at insertion. From the global RNG they would depend
         # on what ran before in the process (a freshly trained upper bound vs one loaded from the cache
         # gave different fine-tunes: 309 vs 264 tokens, measured), so they are drawn from the run's seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
             model = apply_atp(base, atp_cfg)
-        if start == "stage1":
-            ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok, turns=world.ub_turns)
-        else:
-            ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok)
+        # stage 2 trains on the upper bound's conversations, a fine-tune on single questions
+        ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok,
+                           turns=world.ub_turns if start == "stage1" else 1)
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
