@@ -285,6 +285,11 @@ class ATPSection:
         "initial thresholds: 'none' keeps almost every token at step 0; 'target' calibrates them on "
         "a batch so that step 0 keeps N_target"
     )
+    score_gradient: bool = _field(
+        "straight-through only: the surrogate also differentiates the redundancy scores, so a trainable LM "
+        "learns which tokens to rank high (false = thresholds only; docs/interpretations.md, Method choices #9)",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -294,6 +299,10 @@ class ATPSection:
                 raise ConfigError(
                     name, f"{list(seq)!r}: must be a non-empty, strictly increasing list"
                 )
+        if self.score_gradient and self.ste_temperature is None:
+            raise ConfigError(
+                "score_gradient", "true needs ste_temperature (the straight-through surrogate carries the gradient)"
+            )
         bound = min(self.grid_strides) ** 2
         if self.lambda_sample > bound:
             raise ConfigError(

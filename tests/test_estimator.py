@@ -131,6 +131,44 @@ def test_budget_gradient_reaches_the_thresholds_not_the_scores():
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in lm.layers.parameters())
 
 
+def test_score_gradient_lets_the_budget_reach_the_attention_that_scores():
+    # The option's opposite of the test above: the surrogate now differentiates the redundancy scores too,
+    # so the budget's gradient reaches the query and key projections of the layers that produce them.
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config(score_gradient=True)).train()
+    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
+    model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
+    budget_loss(model).backward()
+    lm = model.model.language_model
+    scoring = lm.layers[proportional_module_layers(NUM_LAYERS)[0]]  # the first module scores with its attention
+    assert float(scoring.self_attn.q_proj.weight.grad.abs().sum()) > 0
+    assert float(scoring.self_attn.k_proj.weight.grad.abs().sum()) > 0
+
+
+def test_score_gradient_is_the_same_with_the_fast_kernel_as_with_eager_attention():
+    # The fused kernel's log-sum-exp is a constant to autograd; the fast path must not use it when the scores
+    # carry gradient, or it would differentiate exp(logit - const) instead of the softmax.
+    grads = {}
+    for backend in ("eager", "fast"):
+        torch.manual_seed(0)
+        model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID, attn_implementation="sdpa"),
+                          real_atp_config(score_gradient=True, scoring_backend=backend)).train()
+        inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
+        model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
+        budget_loss(model).backward()
+        layer = model.model.language_model.layers[proportional_module_layers(NUM_LAYERS)[0]]
+        grads[backend] = (layer.self_attn.q_proj.weight.grad.clone(), layer.self_attn.k_proj.weight.grad.clone())
+    for fast, eager in zip(grads["fast"], grads["eager"]):
+        assert float(eager.abs().max()) > 0
+        torch.testing.assert_close(fast, eager, rtol=1e-3, atol=1e-4 * float(eager.abs().max()))
+
+
+def test_score_gradient_needs_the_straight_through_surrogate():
+    with pytest.raises(ValueError, match="score_gradient"):
+        ATPConfig(score_gradient=True)  # ste_temperature None: nothing would carry the gradient
+    with pytest.raises(ValueError, match="score_gradient"):
+        ATPConfig(ste_temperature=3.0, score_gradient="yes")
+
+
 @pytest.mark.parametrize("criteria", ["both", "spatial"])
 def test_calibration_replays_each_modules_decision_instead_of_running_the_model(criteria):
     # Calibration runs one forward per module (plus one for N_0) and bisects on the recorded inputs of

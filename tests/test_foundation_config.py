@@ -70,6 +70,8 @@ def test_real_config_values(real: TrainingConfig) -> None:
     )
     assert t.deepspeed_zero_stage == 3 and t.deepspeed_config == "configs/deepspeed/zero3.json"
     assert (a.n_target, a.lambda_atp, a.lambda_target, a.temperature) == (130, 0.1, 0.2, 1e6)
+    # the shipped estimator: straight-through, reaching the scores as well (trainable LM)
+    assert a.ste_temperature == 3.0 and a.score_gradient is True
     assert a.module_layers == (4, 14, 24)
     assert a.grid_strides == (2, 3, 4, 6, 8, 12)
     assert 0 < a.lambda_sample <= min(a.grid_strides) ** 2
@@ -187,6 +189,14 @@ def test_invalid_values_name_the_key_and_allowed_values(
     with pytest.raises(ConfigError, match=message) as err:
         load_training_config(_write(tmp_path, real_data))
     assert err.value.key.endswith(key)
+
+
+def test_score_gradient_needs_the_straight_through_estimator(tmp_path: Path, real_data: dict) -> None:
+    real_data["atp"]["ste_temperature"] = None
+    with pytest.raises(ConfigError, match=r"score_gradient: true needs ste_temperature"):
+        load_training_config(_write(tmp_path, real_data))
+    real_data["atp"]["score_gradient"] = False  # the paper's plain sigmoid, thresholds only
+    assert load_training_config(_write(tmp_path, real_data)).atp.score_gradient is False
 
 
 def test_missing_key_is_named(tmp_path: Path, real_data: dict) -> None:

@@ -64,6 +64,9 @@ class ScoreRequest:
         column_sums: filled by the call: (B, L, 2).
         clock: if given, times the extra score computation (not the layer's own attention kernel,
             nor, with ``use_eager``, its conversion of the mask to the additive form eager needs).
+        differentiable: the scores must carry the gradient of the attention map (``score_gradient``
+            training). The fused kernel's log-sum-exp has no gradient, so the fast path then forms each
+            row's normaliser from the logits itself, as eager attention's softmax does.
     """
 
     query_weight: torch.Tensor
@@ -72,6 +75,7 @@ class ScoreRequest:
     column_sums: torch.Tensor | None = None
     clock: OverheadClock | None = field(default=None, repr=False)
     base_name: str = field(default="", repr=False)
+    differentiable: bool = False
 
     def timed(self) -> contextlib.AbstractContextManager:
         return self.clock.region("scores") if self.clock is not None else contextlib.nullcontext()
@@ -113,6 +117,8 @@ def atp_scoring_attention(
         additive = None
         if attention_mask is not None:
             additive = to_additive_mask(attention_mask, query.shape[2], key.shape[2], torch.float32, query.device)
+        if request.differentiable and torch.is_grad_enabled():
+            lse = None  # the kernel's normaliser is a constant to autograd: recompute it from the logits
         request.column_sums = weighted_column_sums_from_qk(
             query, key, additive, module.scaling, request.query_weight, request.key_columns, logsumexp=lse
         )

@@ -46,6 +46,9 @@ class ATPConfig:
         ste_temperature: if set, the forward pass uses the mask at ``temperature`` while the
             backward pass uses the gradient of sigmoid(ste_temperature (S - theta)) (straight-through,
             (choice)); at T = 1e6 the plain gradient to the thresholds is almost always zero.
+        score_gradient: with ``ste_temperature``, whether the straight-through surrogate also passes
+            gradient to the redundancy scores (and so to the attention that produces them), not only
+            to the thresholds (choice; default False, see docs/interpretations.md, Method choices #9).
         lambda_sample: maps spatial scores 1 - lambda_sample * R into [0, 1) (S-Sec. 4.4); (choice) 2.0.
         grid_strides: strides of the nested uniform sampling grids of spatial augmented pruning.
         score_normalisation: per-instance normalisation of the importance scores to [0, 1] (choice).
@@ -88,6 +91,7 @@ class ATPConfig:
     module_layers: tuple[int, ...] = PAPER_MODULE_LAYERS
     temperature: float = 1e6
     ste_temperature: float | None = None
+    score_gradient: bool = False
     lambda_sample: float = 2.0
     grid_strides: tuple[int, ...] = (2, 3, 4, 6, 8, 12)
     score_normalisation: str = "minmax"
@@ -125,6 +129,11 @@ class ATPConfig:
             _fail("temperature", self.temperature, "a float > 0 (paper: 1e6)")
         if self.ste_temperature is not None and not self.ste_temperature > 0:
             _fail("ste_temperature", self.ste_temperature, "None or a float > 0")
+        if not isinstance(self.score_gradient, bool):
+            _fail("score_gradient", self.score_gradient, "True or False")
+        if self.score_gradient and self.ste_temperature is None:
+            _fail("score_gradient", self.score_gradient, "False unless ste_temperature is set (the surrogate "
+                  "is what passes the gradient)")
         if not 0 < self.lambda_sample <= 4:
             _fail("lambda_sample", self.lambda_sample, "a float in (0, 4] so that scores lie in [0, 1)")
         if not self.grid_strides or any(not isinstance(s, int) or s < 2 for s in self.grid_strides):

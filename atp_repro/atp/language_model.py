@@ -328,7 +328,7 @@ def _prefill(model, runtime: ATPRuntime, embeds, attention_mask, position_ids, c
             elif raters is not None:  # SparseVLM: the attention of its text raters only
                 prompt_weight = (seq.is_prompt & torch.gather(raters, 1, seq.original_index)).float()
             request = ScoreRequest(torch.stack([vision_weight, prompt_weight], -1), _vision_columns(is_vision),
-                                   use_eager, clock=clock)
+                                   use_eager, clock=clock, differentiable=soft and cfg.score_gradient)
         with scoring_attention(model.config, layer, request):  # the scores themselves are timed inside
             seq.hidden = layer(seq.hidden, atp_score_request=request, **layer_kwargs)
         with clock.region("decide_and_compact"):

@@ -57,10 +57,11 @@ def keep_mask(
     temperature, 1 - (1 - m_r)(1 - m_s) with m = sigmoid(ste_temperature (S - theta)). The union
     (equal to the max on the sharp 0/1 masks) passes gradient to both thresholds at every token;
     a max would route it to whichever criterion keeps the token, and theta_s, whose criterion keeps
-    almost nothing at initialisation, would never learn. ``detach_scores``: the surrogate gradient
-    reaches the thresholds only, not the scores. At T = 1e6 the mask has no gradient with respect to
-    the scores either; a surrogate one would let the language model raise the attention of the
-    tokens it wants to keep until they pass the threshold, and so escape the budget.
+    almost nothing at initialisation, would never learn. ``detach_scores`` (the default): the surrogate
+    gradient reaches the thresholds only, not the scores (at T = 1e6 the sharp mask has no gradient
+    with respect to the scores either). Without it (``ATPConfig.score_gradient``) the surrogate also
+    differentiates the redundancy scores, so a trainable language model learns which tokens its
+    attention should rank high; the budget terms pull the same scores down.
 
     Returns:
         ``(mask, surrogate)``: ``mask`` has the forward value of the sharp mask (and, with

@@ -44,6 +44,7 @@ class ATPModule(nn.Module):
         self.fixed_keep = None if config.fixed_keep is None else config.fixed_keep[index]
         self.temperature = config.temperature
         self.ste_temperature = config.ste_temperature
+        self.score_gradient = config.score_gradient
         self.normalisation = config.score_normalisation
         self.quantiles = config.threshold_quantiles
         self.importance = config.importance
@@ -112,7 +113,7 @@ class ATPModule(nn.Module):
             mask = None
             if keep_value is not None:
                 mask, surrogate = keep_mask(by_redundancy, by_spatial, theta_r, theta_s, self.temperature,
-                                            self.ste_temperature)
+                                            self.ste_temperature, detach_scores=not self.score_gradient)
         new_keep_value = new_surrogate = None
         if keep_value is not None:
             # D = D_prev * M accumulates on vision positions; text keeps D = 1.

@@ -75,9 +75,10 @@ VARIANTS: dict[str, Variant] = {
     "trainable_keep_all": Variant(144, False, (), "control: trainable_144's fine-tune with every vision token kept",
                                   prune=False),
     # the paper's trainable-LM setting: ATP trained through the upper bound's stage 2 from the stage-1 model
-    "stage2_144": Variant(144, False, (), "ATP in stage 2 from the stage-1 model (paper's trainable-LM setting)",
-                          start="stage1"),
-    "stage2_88": Variant(88, False, (), "ATP in stage 2, 88-token goal", start="stage1"),
+    # (the LM learns to score: the straight-through gradient reaches the attention that gives the scores)
+    "stage2_144": Variant(144, False, (("score_gradient", True),),
+                          "ATP in stage 2 from the stage-1 model (paper's trainable-LM setting)", start="stage1"),
+    "stage2_88": Variant(88, False, (("score_gradient", True),), "ATP in stage 2, 88-token goal", start="stage1"),
     # supplementary Table 6 (the 0.1 / 0.2 row is trainable_144)
     "lambda_1_1": Variant(144, False, (("lambda_atp", 1.0), ("lambda_target", 1.0)), "Table 6 row 1"),
     "lambda_0.05_0.2": Variant(144, False, (("lambda_atp", 0.05), ("lambda_target", 0.2)), "Table 6 row 3"),
@@ -227,6 +228,7 @@ class Setup:
         else:
             model = apply_baseline(ub, method, tokens, layers)
             settings = atp_config(model).to_dict()
+            settings.pop("score_gradient")  # a training-only switch: evaluations keyed before it existed stay valid
         # "selection" names the version of the selection code (atp/controls.py, the "last" importance;
         # atp_repro/prellm for the vision-side methods): change it when they change, so that cached
         # evaluations are not reused.

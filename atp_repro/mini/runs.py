@@ -268,6 +268,8 @@ def atp_spec(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig) -> di
     for name in COMPONENT_FIELDS:  # at the method's default they stay out of the key (older artifacts keep theirs)
         if atp.get(name) == "both":
             atp.pop(name)
+    if atp.get("score_gradient") is False:  # likewise at its default
+        atp.pop("score_gradient")
     spec = {
         "kind": "atp",
         "parent": spec_hash(upper_bound_spec(world)),
