@@ -56,7 +56,7 @@ def test_real_config_estimator_moves_both_thresholds_of_every_module():
 
 def test_the_papers_plain_sigmoid_gives_the_thresholds_no_gradient():
     # The reason the real config does not ship the paper's plain estimator (this test fails if it moved).
-    before, after = thresholds_after_steps(real_atp_config(ste_temperature=None))
+    before, after = thresholds_after_steps(real_atp_config(ste_temperature=None, score_gradient=False))
     assert torch.equal(before, after)
 
 
@@ -121,7 +121,7 @@ def test_attention_bias_differentiates_the_smooth_keep_value_not_the_pruned_one(
 
 
 def test_budget_gradient_reaches_the_thresholds_not_the_scores():
-    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config()).train()
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config(score_gradient=False)).train()
     inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
     model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
     budget_loss(model).backward()

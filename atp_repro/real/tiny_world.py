@@ -44,7 +44,7 @@ def tiny_config(root: Path, *, world_size: int = 2, zero_stage: int = 3, freeze_
             "freeze_llm": freeze_llm, "seed": 0,
         },
         "atp": {"module_layers": [1], "n_target": 8.0, "lambda_atp": 0.1, "lambda_target": 0.2,
-                "temperature": 1.0e6, "ste_temperature": 3.0, "lambda_sample": 2.0, "grid_strides": [2],
+                "temperature": 1.0e6, "ste_temperature": 3.0, "score_gradient": not freeze_llm, "lambda_sample": 2.0, "grid_strides": [2],
                 "score_normalisation": "minmax", "position_encoding": "learned2d", "init_calibration": "none"},
         "data": {"train_json": str(root / "data.json"), "image_folder": str(root / "images"), "max_length": 64},
         "run": {"output_dir": str(root / "out"), "save_steps": save_steps, "logging_steps": 1,
