@@ -120,12 +120,17 @@ def test_attention_bias_differentiates_the_smooth_keep_value_not_the_pruned_one(
     assert abs(float(grad_plain)) > 1e4 * abs(float(grad))
 
 
-def test_budget_gradient_reaches_the_thresholds_not_the_scores():
-    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config(score_gradient=False)).train()
+def budget_backward(config: ATPConfig) -> torch.nn.Module:
+    """The ATP language model of a tiny LLaVA after one backward pass of the budget loss alone."""
+    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID, attn_implementation="sdpa"), config).train()
     inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
     model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
     budget_loss(model).backward()
-    lm = model.model.language_model
+    return model.model.language_model
+
+
+def test_budget_gradient_reaches_the_thresholds_not_the_scores():
+    lm = budget_backward(real_atp_config(score_gradient=False))
     assert float(lm.atp_modules[0].threshold_net.redundancy_head.bias.grad.abs()) > 0
     # The language model cannot lower the budget by reshaping its attention scores.
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in lm.layers.parameters())
@@ -134,11 +139,7 @@ def test_budget_gradient_reaches_the_thresholds_not_the_scores():
 def test_score_gradient_lets_the_budget_reach_the_attention_that_scores():
     # The option's opposite of the test above: the surrogate now differentiates the redundancy scores too,
     # so the budget's gradient reaches the query and key projections of the layers that produce them.
-    model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID), real_atp_config(score_gradient=True)).train()
-    inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
-    model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
-    budget_loss(model).backward()
-    lm = model.model.language_model
+    lm = budget_backward(real_atp_config(score_gradient=True))
     scoring = lm.layers[proportional_module_layers(NUM_LAYERS)[0]]  # the first module scores with its attention
     assert float(scoring.self_attn.q_proj.weight.grad.abs().sum()) > 0
     assert float(scoring.self_attn.k_proj.weight.grad.abs().sum()) > 0
@@ -149,13 +150,8 @@ def test_score_gradient_is_the_same_with_the_fast_kernel_as_with_eager_attention
     # carry gradient, or it would differentiate exp(logit - const) instead of the softmax.
     grads = {}
     for backend in ("eager", "fast"):
-        torch.manual_seed(0)
-        model = apply_atp(tiny_llava(num_layers=NUM_LAYERS, grid=GRID, attn_implementation="sdpa"),
-                          real_atp_config(score_gradient=True, scoring_backend=backend)).train()
-        inputs = tiny_inputs(model, prefix_lengths=(3, 4), prompt_lengths=(6, 5))
-        model(**inputs, atp_answer_mask=torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
-        budget_loss(model).backward()
-        layer = model.model.language_model.layers[proportional_module_layers(NUM_LAYERS)[0]]
+        lm = budget_backward(real_atp_config(score_gradient=True, scoring_backend=backend))
+        layer = lm.layers[proportional_module_layers(NUM_LAYERS)[0]]
         grads[backend] = (layer.self_attn.q_proj.weight.grad.clone(), layer.self_attn.k_proj.weight.grad.clone())
     for fast, eager in zip(grads["fast"], grads["eager"]):
         assert float(eager.abs().max()) > 0
