@@ -184,6 +184,8 @@ def _compare_cell(
 ) -> dict[str, Any]:
     p_num = p.value if p is not None and _is_number(p.value) else None
     r_val = None if r is None else r.value
+    if isinstance(r_val, float) and math.isnan(r_val):  # not computable (e.g. a spread over one seed): missing
+        r_val = None
     r_num = float(r_val) if r_val is not None and _is_number(r_val) else None
     paper_cell = p_num if p_num is not None else (p.value_text if p is not None else None)
     if r is None:

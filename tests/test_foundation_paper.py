@@ -219,6 +219,15 @@ def test_compare_reports_cells_missing_from_the_run() -> None:
     assert pd.isna(missing.this_run) and missing.match is None
 
 
+def test_compare_treats_a_nan_value_as_missing() -> None:
+    # e.g. a spread over a single seed: not computable, so shown as missing, never as the text "nan"
+    run = pd.DataFrame({"row": ["A", "C"], "column": ["MMB", "SD"], "value": [math.nan, math.nan]})
+    table = compare_with_paper("supp_table8", run, scale="mini", paper=_paper())
+    for row, column in (("A", "MMB"), ("C", "SD")):
+        cell = table[(table.row == row) & (table.column == column)].iloc[0]
+        assert cell.this_run is None and cell.match is None
+
+
 def test_compare_validates_its_input() -> None:
     with pytest.raises(ValueError, match="missing column 'value'"):
         compare_with_paper("supp_table8", pd.DataFrame({"row": [], "column": []}), scale="mini")
