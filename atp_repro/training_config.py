@@ -184,21 +184,29 @@ class ModelSection:
     """The model ATP is added to."""
 
     name_or_path: str = _field(
-        "HF model folder in llava-hf/llava-1.5-7b-hf layout (a hub id resolved from the local "
-        "cache only), or 'builtin:mini-llava' for the mini world's code-built model"
+        "HF model folder in the hub layout (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct; a hub id "
+        "resolved from the local cache only), or 'builtin:mini-llava' for the mini world's code-built model"
     )
     num_hidden_layers: int = _field("number of decoder layers of the language model", ge=1)
-    vision_grid: int = _field(
-        "side of the square grid of vision tokens (24 -> 576 tokens for LLaVA-1.5)", ge=1, le=1024
+    vision_grid: int | None = _field(
+        "side of the square grid of vision tokens (24 -> 576 tokens for LLaVA-1.5); null: dynamic "
+        "resolution (Qwen2-VL: each image its own h x w grid, its token count set by its size)",
+        ge=1,
+        le=1024,
     )
 
     def __post_init__(self) -> None:
         _validate_fields(self)
 
     @property
-    def num_vision_tokens(self) -> int:
-        """N_0, the number of vision tokens entering the language model."""
-        return self.vision_grid**2
+    def dynamic_resolution(self) -> bool:
+        """Whether images have their own grids (``vision_grid: null``, the Qwen2-VL family)."""
+        return self.vision_grid is None
+
+    @property
+    def num_vision_tokens(self) -> int | None:
+        """N_0, the number of vision tokens entering the language model (None: it varies with the image)."""
+        return None if self.vision_grid is None else self.vision_grid**2
 
 
 @dataclass(frozen=True)
@@ -324,8 +332,10 @@ class DataSection:
         "a malformed conversation, missing image or over-long sample: 'fail' names it, 'skip' counts it",
         default="fail",
     )
-    image_aspect_ratio: Literal["pad", "crop"] = _field(
-        "'pad' to a square as LLaVA-1.5 trains, or the processor's resize and centre crop", default="pad"
+    image_aspect_ratio: Literal["pad", "crop", "native"] = _field(
+        "'pad' to a square as LLaVA-1.5 trains, or the processor's resize and centre crop ('crop', a fixed "
+        "model.vision_grid) or the image's own size and aspect ratio ('native', model.vision_grid: null)",
+        default="pad",
     )
     conversation_template: Literal["llava_v1", "processor"] = _field(
         "'llava_v1': the template LLaVA-1.5 trained with (system sentence, USER/ASSISTANT, </s>); "
@@ -395,6 +405,9 @@ class TrainingConfig:
                 f"model.num_hidden_layers - 1 = {self.model.num_hidden_layers - 1} "
                 "(a module needs later layers to act on)",
             )
+        if self.model.dynamic_resolution:
+            _check_dynamic_resolution(self)
+            return
         n0 = self.model.num_vision_tokens
         if self.atp.n_target > n0:
             raise ConfigError(
@@ -407,6 +420,12 @@ class TrainingConfig:
                 "atp.grid_strides",
                 f"{list(self.atp.grid_strides)!r}: every stride must be "
                 f">= 2 and <= model.vision_grid = {self.model.vision_grid}",
+            )
+        if self.data is not None and self.data.image_aspect_ratio == "native":
+            raise ConfigError(
+                "data.image_aspect_ratio",
+                f"'native' keeps each image's own size, which needs dynamic resolution (model.vision_grid: null); "
+                f"with model.vision_grid = {self.model.vision_grid} allowed: 'pad', 'crop'",
             )
 
     # -- access -----------------------------------------------------------------------------
@@ -478,6 +497,41 @@ class TrainingConfig:
                 for o in self.overrides
             ],
             columns=["key", "base_value", "value", "reason"],
+        )
+
+
+def _check_dynamic_resolution(cfg: TrainingConfig) -> None:
+    """What ``model.vision_grid: null`` (dynamic resolution, the Qwen2-VL family) needs of the other sections.
+
+    Each image has its own grid, so N_target is not bounded by a grid here (the budget loss measures each
+    sample against its own image) and the sampling grids' strides by none (a stride larger than an image's
+    grid leaves that image to the smaller ones)."""
+    if cfg.scale == "mini":
+        raise ConfigError(
+            "model.vision_grid",
+            "null (dynamic resolution) is for real-scale Qwen2-VL configs; the mini world builds a fixed "
+            "grid: give its side (e.g. 12)",
+        )
+    if cfg.atp.position_encoding != "original":
+        raise ConfigError(
+            "atp.position_encoding",
+            f"{cfg.atp.position_encoding!r} with model.vision_grid: null (dynamic resolution, Qwen2-VL): its "
+            "M-RoPE already gives vision tokens (row, column) positions, which pruning keeps; allowed: 'original'",
+        )
+    data = cfg.data
+    if data is None:
+        return
+    if data.image_aspect_ratio == "crop":
+        raise ConfigError(
+            "data.image_aspect_ratio",
+            "'crop' is a fixed-grid processor's centre crop; with model.vision_grid: null (dynamic resolution) "
+            "allowed: 'native' (the image's own size and aspect ratio), 'pad' (padded to a square)",
+        )
+    if data.conversation_template != "processor":
+        raise ConfigError(
+            "data.conversation_template",
+            f"{data.conversation_template!r} is LLaVA-1.5's template; with model.vision_grid: null (dynamic "
+            "resolution, Qwen2-VL) allowed: 'processor' (the model's own chat template)",
         )
 
 

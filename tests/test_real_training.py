@@ -169,7 +169,7 @@ def _derived(base: Path, tmp_path: Path, **changes) -> Path:
 def test_cheap_checks_come_before_the_weights_are_loaded(single_world, tmp_path, monkeypatch, changes, message):
     from atp_repro.real import train
 
-    monkeypatch.setattr(train, "load_llava", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    monkeypatch.setattr(train, "load_vlm", lambda *a, **k: pytest.fail("the weights were loaded first"))
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         train.train_from_config(load_training_config(_derived(single_world, tmp_path, **changes)))
 

@@ -19,6 +19,14 @@ with an image, the image file, the token count against ``max_length``): with ``o
 the first problem raises :class:`LlavaDataError` naming the file, the sample index and id; with
 ``"skip"`` the sample is left out and counted in ``dataset.skipped``. One image per sample is
 supported (LLaVA-1.5's data has at most one); text-only samples are, in mixed batches too.
+
+Dynamic resolution (Qwen2-VL, Qwen2.5-VL; ``num_image_tokens=None``): each image keeps its own size
+and aspect ratio (``image_aspect_ratio="native"``; no padding to a square), its image span has as many
+tokens as the image processor's patch grid gives (``image_grid_thw`` product / ``merge_size`` squared),
+and an item carries the image's patches (``pixel_values``, (patches, patch dim)) and its grid
+(``image_grid_thw``, (3,)). The token count of a sample is then read from the image file's size when
+the dataset is built. The processor's chat template renders the conversation (``template="processor"``).
+The data marks the image with ``<image>`` in either case, as LLaVA-665k does.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 ON_INVALID = ("fail", "skip")
 TEMPLATES = ("llava_v1", "processor")
-ASPECT_RATIOS = ("pad", "crop")
+ASPECT_RATIOS = ("pad", "crop")  # a fixed grid (LLaVA-1.5)
+DYNAMIC_ASPECT_RATIOS = ("pad", "native")  # dynamic resolution (Qwen2-VL): pad to a square, or the image as it is
+IMAGE_MARKER = "<image>"  # the image's place in a human turn of LLaVA-format data
 ROLES = {"human": "user", "gpt": "assistant"}
 IGNORE_INDEX = -100
 # LLaVA-1.5's system sentence (conversation template "vicuna_v1"), used when the processor has no chat template
@@ -59,7 +69,7 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def conversation_messages(sample: dict, image_token: str = "<image>") -> list[dict]:
+def conversation_messages(sample: dict, image_token: str = IMAGE_MARKER) -> list[dict]:
     """The sample's turns as chat messages (``role``, ``content`` list); raises ValueError if malformed.
 
     As LLaVA does, the image marker is moved to the start of the turn that holds it."""
@@ -143,37 +153,47 @@ def expand_to_square(image, background: tuple[int, int, int]):
 
 
 class LlavaInstructDataset(torch.utils.data.Dataset):
-    """LLaVA-format samples as ``input_ids``, ``labels`` and ``pixel_values`` (None for text-only).
+    """LLaVA-format samples as ``input_ids``, ``labels`` and ``pixel_values`` (None for text-only), plus
+    ``image_grid_thw`` (None for text-only) with dynamic resolution.
 
     Args:
         json_path: the JSON list of samples.
         image_folder: the folder image paths are relative to.
         processor: the model's processor (tokenizer, image processor, optional chat template).
-        num_image_tokens: vision tokens one image takes in the sequence (``config.image_seq_length``).
+        num_image_tokens: vision tokens one image takes in the sequence (``config.image_seq_length``), or
+            None for dynamic resolution (Qwen2-VL: each image's own count, from the image processor's grid).
         max_length: the longest sample in tokens (image tokens included).
         on_invalid: ``"fail"`` (raise on the first bad sample) or ``"skip"`` (leave it out, counted).
-        image_aspect_ratio: ``"pad"`` (LLaVA-1.5 training: pad to a square) or ``"crop"`` (the processor's).
+        image_aspect_ratio: ``"pad"`` (LLaVA-1.5 training: pad to a square) or ``"crop"`` (the processor's);
+            with dynamic resolution ``"pad"`` or ``"native"`` (the image's own size and aspect ratio).
         template: ``"llava_v1"`` (LLaVA-1.5's training template, with ``system``) or ``"processor"`` (the
             processor's chat template; llava-hf's has no system sentence).
         system: the system sentence of the ``llava_v1`` template (LLaVA-1.5's by default; None: none).
     """
 
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor, num_image_tokens: int,
-                 *, max_length: int = 2048, on_invalid: str = "fail", image_aspect_ratio: str = "pad",
-                 template: str = "llava_v1", system: str | None = LLAVA15_SYSTEM) -> None:
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor,
+                 num_image_tokens: int | None, *, max_length: int = 2048, on_invalid: str = "fail",
+                 image_aspect_ratio: str = "pad", template: str = "llava_v1",
+                 system: str | None = LLAVA15_SYSTEM) -> None:
         _check_choice("on_invalid", on_invalid, ON_INVALID)
         _check_choice("template", template, TEMPLATES)
         if not getattr(getattr(processor, "tokenizer", processor), "is_fast", False):
             raise ValueError("a fast tokenizer (tokenizer.json) is needed: labels come from its character offsets")
-        _check_choice("image_aspect_ratio", image_aspect_ratio, ASPECT_RATIOS)
-        if num_image_tokens < 1 or max_length < 1:
+        self.dynamic = num_image_tokens is None
+        if self.dynamic:
+            _check_dynamic_resolution(processor, template)
+        aspect_ratios = DYNAMIC_ASPECT_RATIOS if self.dynamic else ASPECT_RATIOS
+        _check_choice("image_aspect_ratio", image_aspect_ratio, aspect_ratios)
+        if (not self.dynamic and num_image_tokens < 1) or max_length < 1:
             raise ValueError(f"num_image_tokens and max_length must be >= 1, got {num_image_tokens}, {max_length}")
         self.json_path = Path(json_path)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        video_token = getattr(processor, "video_token", None)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.image_aspect_ratio = image_aspect_ratio
@@ -236,10 +256,11 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
             return _template_segments(self.processor, messages, eos)
         return _fallback_segments(messages, self.image_token, eos, self.system)
 
-    def _tokens(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+    def _tokens(self, segments: list[Segment], image_tokens: int) -> tuple[list[int], list[int]]:
         """The conversation tokenized once, as a whole (a SentencePiece tokenizer tokenizes a piece of text
         differently on its own), labelled by the character spans of the assistant segments: a token is
-        trained if its last character lies in one. Each image marker becomes the image's token span."""
+        trained if its last character lies in one. The image token becomes the image's span of
+        ``image_tokens`` tokens (0: the sample has no image, and the text must hold no image token)."""
         text = "".join(segment.text for segment in segments)
         trained = torch.zeros(len(text) + 1, dtype=torch.bool)
         start = 0
@@ -247,22 +268,29 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
             trained[start:start + len(segment.text)] = segment.trained
             start += len(segment.text)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        _check_vision_tokens(encoded["input_ids"], self.image_token_id, int(image_tokens > 0), self.video_token_id)
         input_ids: list[int] = []
         labels: list[int] = []
         for token, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
             if token == self.image_token_id:
-                input_ids += [token] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                input_ids += [token] * image_tokens
+                labels += [IGNORE_INDEX] * image_tokens
                 continue
             input_ids.append(token)
             labels.append(token if bool(trained[max(begin, end - 1)]) else IGNORE_INDEX)
         return input_ids, labels
 
-    def _encode(self, sample) -> tuple[list[int], list[int]]:
+    def _with_bos(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None else []) + ids, ([IGNORE_INDEX] if bos is not None else []) + labels
+
+    def _encode(self, sample, image_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of a sample; ``image_tokens``: its image's token count if known (else
+        ``num_image_tokens``, or with dynamic resolution the count the image file's size gives)."""
         if not isinstance(sample, dict):
             raise ValueError(f"malformed sample: expected a mapping, got {type(sample).__name__}")
         try:
-            messages = conversation_messages(sample, self.image_token)
+            messages = conversation_messages(sample, IMAGE_MARKER)
         except ValueError as err:
             raise ValueError(f"malformed conversation: {err}") from None
         if sample.get("image") is not None:
@@ -271,32 +299,70 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
             path = self.image_folder / str(sample["image"])
             if not path.is_file():
                 raise ValueError(f"missing image: {path}")
-        bos = self.tokenizer.bos_token_id
-        ids, trained = self._tokens(self._segments(messages))
-        input_ids = ([bos] if bos is not None else []) + ids
-        labels = ([IGNORE_INDEX] if bos is not None else []) + trained
+            if image_tokens is None:
+                image_tokens = self._image_tokens(path)
+        input_ids, labels = self._with_bos(*self._tokens(self._segments(messages), image_tokens or 0))
         if len(input_ids) > self.max_length:
             raise ValueError(f"over the maximum length: {len(input_ids)} tokens > data.max_length={self.max_length}")
         return input_ids, labels
+
+    def _image_tokens(self, path: Path) -> int:
+        """Tokens of the image at ``path``: ``num_image_tokens``, or with dynamic resolution what the image
+        processor's grid for the file's size (read from its header) gives."""
+        if not self.dynamic:
+            return self.num_image_tokens
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"unreadable image: {path} ({err})") from None
+        if self.image_aspect_ratio == "pad":
+            width = height = max(width, height)
+        image_processor = self.processor.image_processor
+        return image_processor.get_number_of_image_patches(height, width, {}) // image_processor.merge_size**2
 
     # -- Dataset ----------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def _pixel_values(self, relative: str) -> torch.Tensor:
+    def _load_image(self, relative: str):
+        """The RGB image, padded to a square of the processor's mean colour with ``image_aspect_ratio="pad"``."""
         from PIL import Image
 
-        image_processor = self.processor.image_processor
         with Image.open(self.image_folder / relative) as raw:
             image = raw.convert("RGB")
         if self.image_aspect_ratio == "pad":
-            mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-            image = expand_to_square(image, tuple(int(255 * m) for m in mean))
-        return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            image = expand_to_square(image, self._mean_colour())
+        return image
+
+    def _mean_colour(self) -> tuple[int, int, int]:
+        mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        return tuple(int(255 * m) for m in mean)
+
+    def _pixel_values(self, relative: str) -> torch.Tensor:
+        """A fixed-grid image: (3, H, W)."""
+        return self.processor.image_processor(images=self._load_image(relative), return_tensors="pt")["pixel_values"][0]
+
+    def _patches(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic resolution: ``(pixel_values, image_grid_thw)`` of one image, (patches, patch dim) and (3,)
+        (temporal, height, width in patches), as the image processor gives them."""
+        processed = self.processor.image_processor(images=image, return_tensors="pt")
+        return processed["pixel_values"], processed["image_grid_thw"][0]
+
+    def _grid_tokens(self, grid: torch.Tensor) -> int:
+        """Tokens of an image in the sequence: its patches merged ``merge_size`` x ``merge_size``."""
+        return int(grid.prod()) // self.processor.image_processor.merge_size**2
 
     def padding_image_sample(self) -> dict:
-        """A sample made of an image span alone (a mean-colour image, no label): see :class:`LlavaCollator`."""
+        """A sample made of an image span alone (a mean-colour image, no label): see :class:`LlavaCollator`.
+
+        With dynamic resolution the image is the smallest the image processor makes (one merge block per side
+        before its minimum size applies), in the chat template's user turn (its markers around the image)."""
+        if self.dynamic:
+            return self._dynamic_padding_sample()
         size = self.processor.image_processor.crop_size or self.processor.image_processor.size
         height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         bos = self.tokenizer.bos_token_id
@@ -304,12 +370,64 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
         return {"input_ids": torch.tensor(input_ids), "labels": torch.full((len(input_ids),), IGNORE_INDEX),
                 "pixel_values": torch.zeros(3, height, width)}
 
+    def _dynamic_padding_sample(self) -> dict:
+        from PIL import Image
+
+        image_processor = self.processor.image_processor
+        side = image_processor.patch_size * image_processor.merge_size
+        pixel_values, grid = self._patches(Image.new("RGB", (side, side), self._mean_colour()))
+        turn = self.processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+        input_ids, _ = self._with_bos(*self._tokens([Segment(turn, False)], self._grid_tokens(grid)))
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.full((len(input_ids),), IGNORE_INDEX),
+                "pixel_values": torch.zeros_like(pixel_values), "image_grid_thw": grid}
+
     def __getitem__(self, index: int) -> dict:
         sample = self.sample(index)
-        input_ids, labels = self._encode(sample)
         image = sample.get("image")
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "pixel_values": None if image is None else self._pixel_values(str(image))}
+        if not self.dynamic:
+            input_ids, labels = self._encode(sample)
+            return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                    "pixel_values": None if image is None else self._pixel_values(str(image))}
+        pixel_values = grid = None
+        if image is not None:
+            pixel_values, grid = self._patches(self._load_image(str(image)))
+        input_ids, labels = self._encode(sample, None if grid is None else self._grid_tokens(grid))
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values,
+                "image_grid_thw": grid}
+
+
+def _check_dynamic_resolution(processor, template: str) -> None:
+    """What dynamic resolution (``num_image_tokens=None``) needs of the processor and the template."""
+    image_processor = getattr(processor, "image_processor", None)
+    if getattr(image_processor, "merge_size", None) is None or \
+            not hasattr(image_processor, "get_number_of_image_patches"):
+        raise ValueError("num_image_tokens=None (dynamic resolution) needs an image processor that gives each image "
+                         "its own patch grid (Qwen2-VL's: merge_size, image_grid_thw); got "
+                         f"{type(image_processor).__name__}")
+    if template != "processor":
+        raise ValueError(f"template={template!r} is LLaVA-1.5's; a dynamic-resolution model (Qwen2-VL) is trained "
+                         "with its processor's chat template: template='processor'")
+
+
+def _check_vision_tokens(ids: list[int], image_token_id: int, images: int, video_token_id: int | None) -> None:
+    """The rendered conversation holds one image token per image and no video token (a literal image or video
+    token in a turn's text would take image features the sample does not have)."""
+    found = sum(token == image_token_id for token in ids)
+    if found != images:
+        raise ValueError(f"image tokens in the text: the rendered conversation holds {found} image tokens for "
+                         f"{images} image(s)")
+    if video_token_id is not None and video_token_id in ids:
+        raise ValueError("video token in the text: videos are not supported")
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None) -> torch.Tensor:
+    """(B, L) long: 1 at image tokens, 2 at video tokens, 0 elsewhere (padding included), as Qwen2-VL's processor
+    marks a batch (``ProcessorMixin.create_mm_token_type_ids``); its M-RoPE positions are read from them."""
+    types = torch.zeros_like(input_ids, dtype=torch.long)
+    types[input_ids == image_token_id] = 1
+    if video_token_id is not None:
+        types[input_ids == video_token_id] = 2
+    return types
 
 
 @dataclass
@@ -319,6 +437,11 @@ class LlavaCollator:
     ``pixel_values`` stacks the images of the samples that have one (in order, as LLaVA matches
     them to the image spans). With ``answer_mask`` the batch carries ``atp_answer_mask`` (True at
     assistant tokens) for an ATP model.
+
+    Dynamic resolution (samples with ``image_grid_thw``, Qwen2-VL): ``pixel_values`` concatenates the
+    images' patches (sum of patches, patch dim) and ``image_grid_thw`` stacks their grids (images, 3), in
+    sample order. With ``image_token_id`` set, the batch carries ``mm_token_type_ids``
+    (:func:`mm_token_type_ids`), which Qwen2-VL needs for its M-RoPE positions.
 
     A batch without any image gets ``padding_sample`` (if given) appended: an image span with no
     label (LLaVA-1.5 feeds text-only samples a blank image for the same reason). Every process then
@@ -330,6 +453,8 @@ class LlavaCollator:
     pad_token_id: int
     answer_mask: bool = True
     padding_sample: dict | None = None
+    image_token_id: int | None = None
+    video_token_id: int | None = None
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         padded = self.padding_sample is not None and all(s["pixel_values"] is None for s in samples)
@@ -345,11 +470,24 @@ class LlavaCollator:
             labels[i, :n] = sample["labels"]
             attention_mask[i, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        if images:
-            batch["pixel_values"] = torch.stack(images)
+        with_image = [s for s in samples if s["pixel_values"] is not None]
+        if with_image and with_image[0].get("image_grid_thw") is not None:  # dynamic resolution: patches
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])  # (patches, patch dim)
+            batch["image_grid_thw"] = torch.stack([s["image_grid_thw"] for s in with_image])  # (images, 3)
+        elif with_image:
+            batch["pixel_values"] = torch.stack([s["pixel_values"] for s in with_image])  # (images, 3, H, W)
+        if self.image_token_id is not None:
+            batch["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.image_token_id, self.video_token_id)
         if self.answer_mask:
             batch["atp_answer_mask"] = labels != IGNORE_INDEX
         if self.padding_sample is not None:
             batch["atp_padding_image"] = padded
         return batch
+
+
+def collator_for(dataset: LlavaInstructDataset, pad_token_id: int, *, answer_mask: bool = True) -> LlavaCollator:
+    """The collator of a dataset's batches: with its padding image sample (see :class:`LlavaCollator`) and, with
+    dynamic resolution, ``mm_token_type_ids``."""
+    return LlavaCollator(pad_token_id, answer_mask=answer_mask, padding_sample=dataset.padding_image_sample(),
+                         image_token_id=dataset.image_token_id if dataset.dynamic else None,
+                         video_token_id=dataset.video_token_id if dataset.dynamic else None)

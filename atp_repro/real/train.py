@@ -11,7 +11,12 @@ accumulation x processes = global batch), AdamW with two learning rates (languag
 projector; ATP modules), cosine decay after a linear warm-up of ``warmup_ratio``, weight decay, one
 epoch, gradient clipping, bf16 where the device has fast bf16 (else fp32, recorded). The vision
 tower is frozen (LLaVA-1.5 stage 2); ``freeze_llm`` trains the ATP modules alone (supplementary
-Sec. 1.2). The loss is the LM loss plus ATP's budget loss. Checkpoints are HF Trainer checkpoints
+Sec. 1.2, and Table 7's setting for Qwen2-VL). The loss is the LM loss plus ATP's budget loss.
+
+The model is the one the folder's ``config.json`` names (:func:`atp_repro.real.loading.load_vlm`):
+LLaVA-1.5 (a fixed grid of ``image_seq_length`` tokens per image) or Qwen2-VL / Qwen2.5-VL (dynamic
+resolution: ``model.vision_grid: null``; each image its own grid, M-RoPE positions from the batch's
+``mm_token_type_ids``). Checkpoints are HF Trainer checkpoints
 (with DeepSpeed, its ZeRO shards) plus the ATP files, so ``--resume`` continues a run, and the final
 folder loads with :func:`atp_repro.atp.load_atp_pretrained`.
 
@@ -34,9 +39,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from .. import paths
 from ..atp import ATPConfig, apply_atp, atp_parameters, budget_breakdown, has_atp, save_atp, token_counts
 from ..atp.api import ATP_WEIGHTS_FILE, _language_model
+from ..atp.architectures import LLAVA, architecture_of
 from ..training_config import TrainingConfig
-from .data import LlavaCollator, LlavaInstructDataset
-from .loading import load_llava
+from .data import LlavaInstructDataset, collator_for
+from .loading import QWEN_MODEL_TYPES, load_vlm
 
 logger = logging.getLogger(__name__)
 # DeepSpeed's ZeRO-3 calls torch.distributed's deprecated collectives once per gather: hundreds of lines a step
@@ -138,10 +144,29 @@ def _default_run(cfg: TrainingConfig):
     return RunSection(output_dir=f"runs/{cfg.name}")
 
 
+def vision_encoder_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the vision encoder's parameters without the projector: LLaVA's ``vision_tower`` (its projector,
+    ``multi_modal_projector``, sits beside it); Qwen2-VL's ``visual`` without ``visual.merger``, its projector."""
+    if architecture_of(model) == LLAVA:
+        tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    else:
+        tower, projector = model.model.visual, model.model.visual.merger
+    return {id(p) for p in tower.parameters()} - {id(p) for p in projector.parameters()}
+
+
+def image_tokens_per_image(model: torch.nn.Module) -> int | None:
+    """Vision tokens one image takes in the sequence: LLaVA's ``image_seq_length``; None for dynamic resolution
+    (Qwen2-VL: each image's own count, from the image processor's grid)."""
+    return int(model.config.image_seq_length) if architecture_of(model) == LLAVA else None
+
+
 def set_trainable(model: torch.nn.Module, freeze_llm: bool) -> dict[str, int]:
-    """Vision tower frozen (LLaVA-1.5 stage 2); projector and LM trainable unless ``freeze_llm``; ATP always."""
+    """Vision encoder frozen (LLaVA-1.5 stage 2); projector and LM trainable unless ``freeze_llm``; ATP always.
+
+    The projector is LLaVA's ``multi_modal_projector`` or Qwen2-VL's ``visual.merger``
+    (:func:`vision_encoder_parameters`)."""
     atp_ids = {id(p) for p in atp_parameters(model)} if has_atp(model) else set()
-    vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    vision_ids = vision_encoder_parameters(model)
     counts = defaultdict(int)
     for p in model.parameters():
         train = id(p) in atp_ids or (not freeze_llm and id(p) not in vision_ids)
@@ -219,8 +244,8 @@ class ATPTrainer(Trainer):
 
         The weights are written in transformers' own key layout (``save_original_format=False``):
         Trainer's resume without DeepSpeed loads them with a plain ``load_state_dict``, which does not
-        convert the original LLaVA layout back and would silently keep the initial weights. Both layouts
-        load with ``from_pretrained``."""
+        convert the original LLaVA / Qwen2-VL layout back and would silently keep the initial weights. Both
+        layouts load with ``from_pretrained``."""
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
@@ -293,7 +318,7 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved["precision"])
     dtype = half if half is not None and resolved["deepspeed"] else torch.float32
     run = cfg.run or _default_run(cfg)
-    model, processor = load_llava(cfg.model.name_or_path, dtype=dtype, attn_implementation=run.attn_implementation)
+    model, processor = load_vlm(cfg.model.name_or_path, dtype=dtype, attn_implementation=run.attn_implementation)
     atp = ATPConfig(**cfg.atp_kwargs())
     if atp.init_calibration != "none":
         raise ValueError(f"atp.init_calibration={atp.init_calibration!r} is a mini-world option; real-scale "
@@ -305,7 +330,7 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
     data = cfg.data
     dataset = LlavaInstructDataset(paths.resolve(data.train_json),
                                    paths.resolve(data.image_folder) if data.image_folder else None,
-                                   processor, int(model.config.image_seq_length), max_length=data.max_length,
+                                   processor, image_tokens_per_image(model), max_length=data.max_length,
                                    on_invalid=data.on_invalid, image_aspect_ratio=data.image_aspect_ratio,
                                    template=data.conversation_template)
     resolved["samples"] = len(dataset)
@@ -314,7 +339,7 @@ def build_trainer(cfg: TrainingConfig, *, output_dir: str | None = None, max_ste
     if pad is None:
         raise ValueError(f"the tokenizer at {cfg.model.name_or_path} has no pad token; "
                          "set pad_token in its tokenizer_config.json")
-    collator = LlavaCollator(pad, padding_sample=dataset.padding_image_sample())
+    collator = collator_for(dataset, pad)
     trainer = ATPTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=processor, lr_atp=cfg.training.lr_atp,
                          launch_zero_stage=resolved["zero_stage"],
@@ -356,11 +381,12 @@ def check_launch(checkpoint: str | Path, resolved: dict) -> None:
 
 
 def check_inputs(cfg: TrainingConfig) -> None:
-    """Checks that need no weights, before any are loaded: the model folder, the data files, and the model's
-    sizes read from its config.json against the config's."""
-    from .loading import check_model_folder
+    """Checks that need no weights, before any are loaded: the model folder and its model type, the data files,
+    and the model's sizes read from its config.json against the config's."""
+    from .loading import check_model_folder, model_type
 
     folder = check_model_folder(cfg.model.name_or_path)
+    model_kind = model_type(folder)
     data = cfg.data
     for key, value, kind in (("data.train_json", data.train_json, "file"), ("data.image_folder", data.image_folder,
                                                                               "folder")):
@@ -370,9 +396,21 @@ def check_inputs(cfg: TrainingConfig) -> None:
         if not (path.is_file() if kind == "file" else path.is_dir()):
             raise FileNotFoundError(f"{key}={value}: no such {kind} ({path})")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    text, vision = config.get("text_config", {}), config.get("vision_config", {})
-    sizes = {"model.num_hidden_layers": text.get("num_hidden_layers"),
-             "model.vision_grid": (vision.get("image_size", 0) // vision.get("patch_size", 1)) or None}
+    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    if model_kind in QWEN_MODEL_TYPES:  # dynamic resolution; the released config.json is flat (no text_config)
+        layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+        if cfg.model.vision_grid is not None:
+            raise ValueError(f"model.vision_grid={cfg.model.vision_grid} in the config, but the model at "
+                             f"{cfg.model.name_or_path} ({model_kind}) has dynamic resolution: set "
+                             "model.vision_grid: null")
+        sizes = {"model.num_hidden_layers": layers}
+    else:
+        sizes = {"model.num_hidden_layers": text.get("num_hidden_layers"),
+                 "model.vision_grid": (vision.get("image_size", 0) // vision.get("patch_size", 1)) or None}
+        if cfg.model.vision_grid is None:
+            raise ValueError(f"model.vision_grid: null (dynamic resolution) in the config, but the model at "
+                             f"{cfg.model.name_or_path} ({model_kind}) has a fixed grid of vision "
+                             "tokens: set model.vision_grid to its side")
     for key, got in sizes.items():
         if got is not None and got != cfg.get(key):
             raise ValueError(f"{key}={cfg.get(key)} in the config, but the model at {cfg.model.name_or_path} has {got}")
