@@ -112,7 +112,7 @@ def test_an_unsupported_model_type_fails_at_once_naming_it_and_the_supported_one
         load_vlm(folder)
     with pytest.raises(UnsupportedModelError, match="model_type 'qwen2_vl', which is not supported here; "
                                                     "supported: 'llava' "):
-        load_llava(world.parent / "model")  # the lmms-eval adapter's loader stays LLaVA-only
+        load_llava(world.parent / "model")  # load_llava (load_local_llava, the atp_llava adapter) stays LLaVA-only
     with pytest.raises(ModelFolderError, match=re.escape("model.name_or_path=path/to/Qwen2-VL-7B-Instruct is the "
                                                          "placeholder")):
         check_model_folder("path/to/Qwen2-VL-7B-Instruct")

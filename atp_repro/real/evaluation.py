@@ -1,30 +1,39 @@
-"""Real-scale evaluation: an lmms-eval model adapter for (ATP-)LLaVA and the paper's retention table.
+"""Real-scale evaluation: lmms-eval model adapters for (ATP-)LLaVA and (ATP-)Qwen2-VL, and the paper's retention table.
 
 What
 ----
-* :data:`BENCHMARKS`: the benchmarks of ATP-LLaVA's main Table 1, each with the lmms-eval task(s) that
-  run it, the metric key lmms-eval writes for it and the scale of that number.
+* :data:`BENCHMARKS`: the benchmarks of ATP-LLaVA's main Table 1 and of supplementary Table 7's Qwen2-VL
+  row, each with the lmms-eval task(s) that run it, the metric key lmms-eval writes for it and the scale
+  of that number.
 * :func:`read_lmms_eval_results`: scores per benchmark from lmms-eval result files (a file or a folder
   of runs), :func:`retention_table` / :func:`retention_report`: upper-bound score, pruned score,
   retention % and the "Avg. Rate" row (mean over benchmarks of pruned / upper-bound score).
-* :func:`generate_answers`: answers for ``(context, gen_kwargs, images)`` requests from a LLaVA model,
-  with or without ATP, recording the vision-token count of each request (the paper's "Token").
+* :func:`load_local_vlm`: a local LLaVA-1.5, Qwen2-VL or Qwen2.5-VL folder (the class read from its
+  ``config.json``), optionally with ATP (:func:`load_local_llava`: LLaVA folders only).
+* :func:`generate_answers`: answers for ``(context, gen_kwargs, images)`` requests from such a model,
+  with or without ATP, recording the vision-token count of each request (the paper's "Token"). The
+  prompt is the processor's chat template (:func:`build_prompt`); Qwen2-VL takes every image at its own
+  size (dynamic resolution), so requests in one batch can have different token counts.
 * :func:`evaluate_benchmark_file`: a tiny offline harness (a JSONL file of questions, exact-match
   scoring) that writes its score in lmms-eval's result-file layout, so that the whole path from model to
   retention table runs without lmms-eval.
-* ``ATPLlava``: the lmms-eval "simple" model ``atp_llava`` (defined only when ``lmms_eval`` imports;
-  :func:`register_lmms_eval_model` makes ``--model atp_llava`` resolvable).
+* ``ATPLlava`` and ``ATPQwen2VL``: the lmms-eval "simple" models of :data:`LMMS_EVAL_MODELS`
+  (``atp_llava`` for LLaVA folders, ``atp_qwen2_vl`` (alias ``atp_qwen2_5_vl``) for Qwen2-VL and
+  Qwen2.5-VL folders), defined only when ``lmms_eval`` imports; :func:`register_lmms_eval_model` makes
+  ``--model <name>`` resolvable.
 
 Why
 ---
 The paper reports its benchmarks as absolute scores and summarises a pruned model by the mean ratio of
-its scores to the unpruned LLaVA-1.5 (the upper bound). lmms-eval runs all seven benchmarks from one
-command and writes every aggregate score to a JSON file; reading those files, rather than parsing logs,
-keeps the table reproducible. lmms-eval pins its own torch (and torchvision), so it is not installed in
-this package's CPU environment: install it with ``pip install lmms-eval`` in a separate environment (with
-this package installed there too) and run ``python -m atp_repro.real.evaluation lmms-eval --model
-atp_llava --model_args pretrained=<folder>,atp=<folder> --tasks gqa,mme,... --output_path <dir>``.
-Everything except the ``ATPLlava`` class itself works, and is tested, without lmms-eval.
+its scores to the unpruned model (the upper bound: LLaVA-1.5 in main Table 1, Qwen2-VL-7B in
+supplementary Table 7). lmms-eval runs all seven benchmarks from one command and writes every aggregate
+score to a JSON file; reading those files, rather than parsing logs, keeps the table reproducible.
+lmms-eval pins its own torch (and torchvision), so it is not installed in this package's CPU
+environment: install it with ``pip install lmms-eval`` in a separate environment (with this package
+installed there too) and run ``python -m atp_repro.real.evaluation lmms-eval --model atp_llava
+--model_args pretrained=<folder>,atp=<folder> --tasks gqa,mme,... --output_path <dir>`` (``--model
+atp_qwen2_vl`` for a Qwen2-VL run). Everything except the adapter classes themselves works, and is
+tested, without lmms-eval.
 
 Scales: lmms-eval writes accuracies as fractions (GQA 0.62), MMBench already in percent and MME as a
 sum of sub-task scores (0-2000 for perception). :func:`read_lmms_eval_results` converts to the paper's
@@ -51,14 +60,18 @@ from PIL import Image
 
 from ..atp import atp_config, has_atp, load_atp, token_counts
 from ..paths import atomic_write_text, check_output_file, resolve
+from .loading import MODEL_CLASSES, QWEN_MODEL_TYPES, UnsupportedModelError, check_model_folder, load_vlm, model_type
 
 __all__ = [
     "AVG_RATE",
     "BENCHMARKS",
     "INSTALL_HINT",
     "LLAVA_PROMPT",
+    "LMMS_EVAL_MODELS",
     "PAPER_FACTORS",
     "SCALES",
+    "TABLE1_BENCHMARKS",
+    "TABLE7_BENCHMARKS",
     "Benchmark",
     "BenchmarkRun",
     "BenchmarkScores",
@@ -71,6 +84,7 @@ __all__ = [
     "generate_detailed",
     "generation_settings",
     "load_local_llava",
+    "load_local_vlm",
     "main",
     "normalize_answer",
     "read_benchmark_jsonl",
@@ -86,7 +100,7 @@ __all__ = [
 
 
 class Benchmark(NamedTuple):
-    """How one Table 1 benchmark is read from lmms-eval results.
+    """How one benchmark (of main Table 1 or supplementary Table 7) is read from lmms-eval results.
 
     Attributes:
         tasks: lmms-eval task names that run it, in order of preference (the first one present with a
@@ -101,7 +115,8 @@ class Benchmark(NamedTuple):
     scale: str
 
 
-#: Display names follow the paper's Table 1 columns.
+#: Display names follow the columns of the paper's main Table 1, then of supplementary Table 7's Qwen2-VL row
+#: (its MMB-EN column is "MMB"); :data:`TABLE1_BENCHMARKS` and :data:`TABLE7_BENCHMARKS` list each table's.
 BENCHMARKS: dict[str, Benchmark] = {
     "GQA": Benchmark(("gqa",), "exact_match,none",
                      "fraction 0-1: exact match on testdev-balanced (case and punctuation ignored)"),
@@ -121,11 +136,27 @@ BENCHMARKS: dict[str, Benchmark] = {
     "VQAv2": Benchmark(("vqav2_val", "vqav2_test"), "exact_match,none",
                        "fraction 0-1: VQA accuracy on val; vqav2_test only writes a submission file for the "
                        "EvalAI test-dev server (the paper's split), whose score must be entered by hand"),
+    "DocVQA": Benchmark(("docvqa_val", "docvqa_test"), "anls,none",
+                        "fraction 0-1: ANLS on val; docvqa_test only writes a submission file for the evaluation "
+                        "server (the test split Qwen2-VL reports), whose score must be entered by hand"),
+    "OCRBench": Benchmark(("ocrbench",), "ocrbench_accuracy,none",
+                          "fraction 0-1: the final score (points out of 1000, which the paper prints) / 1000"),
+    "ChartQA": Benchmark(("chartqa",), "relaxed_overall,none",
+                         "fraction 0-1: relaxed accuracy on test, human and augmented questions pooled"),
+    "InfoVQA": Benchmark(("infovqa_val", "infovqa_test"), "anls,none",
+                         "fraction 0-1: ANLS on val; infovqa_test only writes a submission file for the evaluation "
+                         "server (the test split Qwen2-VL reports), whose score must be entered by hand"),
+    "AI2D": Benchmark(("ai2d",), "exact_match,none", "fraction 0-1: AI2D test accuracy (the option's letter)"),
+    "MMMU-val": Benchmark(("mmmu_val",), "mmmu_acc,none", "fraction 0-1: MMMU validation accuracy"),
 }
+TABLE1_BENCHMARKS = ("GQA", "MMB", "MME", "POPE", "SEED", "SQA-I", "VQAv2")
+#: Supplementary Table 7's columns in its order (AI2D has no Qwen2-VL score there).
+TABLE7_BENCHMARKS = ("DocVQA", "OCRBench", "ChartQA", "InfoVQA", "AI2D", "MMMU-val", "MMB")
 
 #: Factor from lmms-eval's number to the number the paper prints (percent for fractions).
 PAPER_FACTORS: dict[str, float] = {"GQA": 100.0, "MMB": 1.0, "MME": 1.0, "POPE": 100.0, "SEED": 100.0,
-                                   "SQA-I": 100.0, "VQAv2": 100.0}
+                                   "SQA-I": 100.0, "VQAv2": 100.0, "DocVQA": 100.0, "OCRBench": 1000.0,
+                                   "ChartQA": 100.0, "InfoVQA": 100.0, "AI2D": 100.0, "MMMU-val": 100.0}
 
 SCALES = ("paper", "raw")
 AVG_RATE = "Avg. Rate"
@@ -136,7 +167,7 @@ INSTALL_HINT = (
     "lmms-eval is not installed in this environment. Install it with `pip install lmms-eval` in a separate "
     "environment (it pulls its own torch and torchvision, which would replace this package's pinned CPU torch), "
     "install atp_repro there as well, then call atp_repro.real.evaluation.register_lmms_eval_model() or run "
-    "`python -m atp_repro.real.evaluation lmms-eval --model atp_llava ...`."
+    "`python -m atp_repro.real.evaluation lmms-eval --model atp_llava ...` (atp_qwen2_vl for Qwen2-VL / Qwen2.5-VL)."
 )
 
 _LAYOUT = ("expected lmms-eval's layout: a JSON object whose 'results' maps each task name to "
@@ -357,7 +388,7 @@ def retention_table(upper_bound: Mapping[str, float | None], pruned: Mapping[str
     Args:
         upper_bound: benchmark -> score of the unpruned model (e.g. :func:`read_lmms_eval_results`).
         pruned: benchmark -> score of the pruned model, on the same scale.
-        benchmarks: which benchmarks to list, in order; default: every name on either side, Table 1's
+        benchmarks: which benchmarks to list, in order; default: every name on either side, :data:`BENCHMARKS`'
             order first.
 
     Returns:
@@ -427,8 +458,9 @@ def retention_report(ub_path: str | Path, pruned_path: str | Path, out_csv: str 
 # Generation
 # --------------------------------------------------------------------------------------------------
 
-#: LLaVA-1.5's conversation format, used when the processor has no chat template.
+#: LLaVA-1.5's conversation format, used when a LLaVA processor has no chat template.
 LLAVA_PROMPT = "USER: {images}{context} ASSISTANT:"
+LLAVA_IMAGE_TOKEN = "<image>"  # also the image mark of lmms-eval task contexts
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava_hf default when a task sets none
 
 
@@ -452,6 +484,8 @@ def generation_settings(gen_kwargs: Mapping[str, Any] | None) -> GenerationSetti
     """Validate lmms-eval ``gen_kwargs`` into :class:`GenerationSettings`.
 
     Other keys (``image_aspect_ratio``, ...) are options of other model implementations and are ignored.
+    ``top_p: 0`` (OCRBench's task sets it beside ``temperature: 0``) is accepted for greedy decoding, where
+    ``top_p`` has no effect.
     """
     kw = dict(gen_kwargs or {})
     max_new = kw.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -470,29 +504,51 @@ def generation_settings(gen_kwargs: Mapping[str, Any] | None) -> GenerationSetti
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"gen_kwargs['num_beams']={num_beams!r} is invalid: expected an int >= 1")
     top_p = kw.get("top_p")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"gen_kwargs['top_p']={top_p!r} is invalid: expected a number in (0, 1] or None")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1):
+        raise ValueError(f"gen_kwargs['top_p']={top_p!r} is invalid: expected a number in [0, 1] or None (0 only "
+                         "with greedy decoding)")
     until = kw.get("until", ())
     if isinstance(until, str):
         until = (until,)
     if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
         raise ValueError(f"gen_kwargs['until']={until!r} is invalid: expected a string or a list of strings")
     sample = temperature > 0 and do_sample is not False
+    if sample and top_p == 0:
+        raise ValueError("gen_kwargs['top_p']=0 is invalid when sampling (temperature > 0): expected a number in "
+                         "(0, 1] or None")
     return GenerationSettings(max_new_tokens=max_new, temperature=float(temperature), do_sample=sample,
                               top_p=None if top_p is None else float(top_p), num_beams=num_beams,
                               until=tuple(s for s in until if s))
 
 
 def build_prompt(processor: Any, context: str, num_images: int) -> str:
-    """The LLaVA prompt for one request: the processor's chat template if it has one, else
-    ``"USER: <image>\\n{context} ASSISTANT:"`` (:data:`LLAVA_PROMPT`). One image placeholder per image
-    is put before the context unless the context already holds one (as lmms-eval's llava_hf does)."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
+    """The prompt for one request.
+
+    With a chat template (LLaVA-1.5-hf's, Qwen2-VL-Instruct's): one user turn holding one image entry per
+    image, then the context, rendered with ``add_generation_prompt=True``; Qwen2-VL's template writes each
+    image as ``<|vision_start|><|image_pad|><|vision_end|>``, which the processor expands to as many
+    ``<|image_pad|>`` tokens as that image's grid gives. Without one (LLaVA only):
+    ``"USER: <image>\\n{context} ASSISTANT:"`` (:data:`LLAVA_PROMPT`).
+
+    Images are put before the context unless the context already holds the processor's image token (as
+    lmms-eval's llava_hf does). For a processor whose image token is not ``<image>`` (Qwen2-VL), the
+    ``<image>`` marks some task contexts carry are removed first, as lmms-eval's qwen2_vl does.
+
+    Raises:
+        ValueError: the processor is not LLaVA's and has no chat template (there is no fallback format).
+    """
+    image_token = getattr(processor, "image_token", None) or LLAVA_IMAGE_TOKEN
+    if image_token != LLAVA_IMAGE_TOKEN:
+        context = context.replace(LLAVA_IMAGE_TOKEN, "")
     add_images = num_images > 0 and image_token not in context
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"}] * (num_images if add_images else 0) + [{"type": "text", "text": context}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
+    if image_token != LLAVA_IMAGE_TOKEN:
+        raise ValueError(f"processor={type(processor).__name__} has no chat_template: only a LLaVA processor (image "
+                         f"token {LLAVA_IMAGE_TOKEN!r}) has a fallback prompt format; use the model folder's own "
+                         "processor (Qwen2-VL-Instruct's holds its chat template)")
     images = " ".join([image_token] * num_images) + "\n" if add_images else ""
     return LLAVA_PROMPT.format(images=images, context=context)
 
@@ -507,8 +563,10 @@ class Generation:
     """One answer and its vision-token count.
 
     ``vision_tokens`` is, with ATP, the request's vision tokens averaged over all decoder layers in the
-    prefill (``token_counts(model)``: the paper's "Token"); without ATP the number of image tokens in its
-    prompt (the same in every layer); None if the model config names no image token.
+    prefill (its row of ``token_counts(model)``: the paper's "Token"); without ATP the number of image
+    tokens in its prompt (the same in every layer; with Qwen2-VL's dynamic resolution the sum over its
+    images of each image's own count); 0 for a request without images; None if the model config names no
+    image token.
     """
 
     text: str
@@ -547,8 +605,13 @@ def _batches(checked: list[tuple], batch_size: int) -> list[list[int]]:
 
 
 def _vision_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   num_requests: int) -> list[float | None]:
-    if has_atp(model):
+                   num_requests: int, with_images: bool) -> list[float | None]:
+    """Per request of one ``generate`` call: :attr:`Generation.vision_tokens`.
+
+    ``input_ids``, ``attention_mask``: (B, L) prompts (B = ``num_requests`` x beams). ``with_images``: the
+    batch had images (else ATP ran no pass with images and has no record of this batch)."""
+    if has_atp(model) and with_images:
+        # (B, num_layers): each row its own sample's tokens per layer, whatever its images' sizes
         counts = token_counts(model).float()
         if counts.shape[0] % num_requests == 0:  # num_beams > 1 repeats each request's rows
             return [float(v) for v in counts.reshape(num_requests, -1).mean(dim=1)]
@@ -585,6 +648,8 @@ def generate_detailed(model: torch.nn.Module, processor: Any,
             call["images"] = images
         if len(group) > 1:
             call.update(padding=True, padding_side="left")
+        # LLaVA: input_ids, attention_mask, pixel_values (N, 3, H, W); Qwen2-VL also image_grid_thw (N, 3) and
+        # mm_token_type_ids (B, L), its pixel_values the patches of all images (sum of t h w, patch dim)
         inputs = processor(**call)
         inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         if "pixel_values" in inputs:
@@ -603,7 +668,7 @@ def generate_detailed(model: torch.nn.Module, processor: Any,
             sequences = model.generate(**inputs, **options)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        counts = _vision_tokens(model, inputs["input_ids"], inputs.get("attention_mask"), len(group))
+        counts = _vision_tokens(model, inputs["input_ids"], inputs.get("attention_mask"), len(group), bool(images))
         for i, text, count in zip(group, texts, counts):
             out[i] = Generation(_cut_at_stop(text, settings.until), count)
     return out  # type: ignore[return-value]
@@ -612,11 +677,14 @@ def generate_detailed(model: torch.nn.Module, processor: Any,
 def generate_answers(model: torch.nn.Module, processor: Any,
                      requests: Sequence[tuple[str, Mapping[str, Any] | None, Sequence[Image.Image]]],
                      batch_size: int = 1) -> list[str]:
-    """Answer ``(context, gen_kwargs, images)`` requests with a (possibly ATP) LLaVA model.
+    """Answer ``(context, gen_kwargs, images)`` requests with a (possibly ATP) LLaVA or Qwen2-VL model.
 
     Args:
-        model: a ``LlavaForConditionalGeneration``, stock or after :func:`atp_repro.atp.apply_atp`.
-        processor: its ``LlavaProcessor``.
+        model: a ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or
+            ``Qwen2_5_VLForConditionalGeneration``, stock or after :func:`atp_repro.atp.apply_atp` (ATP on
+            Qwen2-VL decodes one sequence per request: ``num_beams`` 1).
+        processor: its processor (:func:`load_local_vlm` returns both); Qwen2-VL's processes each image at
+            its own size.
         requests: per request the question text (lmms-eval's context), lmms-eval generation kwargs
             (``max_new_tokens``, ``temperature`` (0 = greedy), ``do_sample``, ``top_p``, ``num_beams``,
             ``until``; see :func:`generation_settings`) and its PIL images.
@@ -718,9 +786,9 @@ def evaluate_benchmark_file(model: torch.nn.Module, processor: Any, jsonl_path: 
     The result file has lmms-eval's layout (``results[task]["exact_match,none"]``, its stderr,
     ``"vision_tokens,none"``, plus ``configs``, ``versions``, ``n-samples``, ``higher_is_better``), so
     :func:`read_lmms_eval_results` reads it; name the task after an lmms-eval task whose metric is
-    ``exact_match,none`` (``gqa``, ``scienceqa_img``, ``vqav2_val``) to have it land in that benchmark's
-    row. Per-item predictions go to ``out_dir/<task_name>_samples.jsonl``. Both files are written
-    atomically.
+    ``exact_match,none`` (``gqa``, ``scienceqa_img``, ``vqav2_val``, ``ai2d``) to have it land in that
+    benchmark's row. Per-item predictions go to ``out_dir/<task_name>_samples.jsonl``. Both files are
+    written atomically.
 
     Args:
         image_folder: folder the items' ``image`` names are relative to (absolute names are kept).
@@ -789,29 +857,69 @@ def evaluate_benchmark_file(model: torch.nn.Module, processor: Any, jsonl_path: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading and the lmms-eval adapter
+# Loading and the lmms-eval adapters
 # --------------------------------------------------------------------------------------------------
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def load_local_llava(pretrained: str | Path, *, atp: str | Path | None = None, dtype: str = "auto",
-                     attn_implementation: str | None = None, device: str | torch.device = "cpu"):
-    """``(model, processor)`` from a local HF LLaVA folder (``local_files_only``: nothing is downloaded),
-    in eval mode on ``device``, with ATP applied from ``atp`` (a folder holding ``atp_config.json`` and
-    ``atp_modules.pt``; the ``pretrained`` folder itself for a :func:`atp_repro.atp.save_atp_pretrained`
-    checkpoint) if given."""
-    from .loading import load_llava
+def load_local_vlm(pretrained: str | Path, *, atp: str | Path | None = None, dtype: str = "auto",
+                   attn_implementation: str | None = None, device: str | torch.device = "cpu",
+                   model_types: Sequence[str] = tuple(MODEL_CLASSES)):
+    """``(model, processor)`` from a local HF folder (``local_files_only``: nothing is downloaded), the model
+    of the class its ``config.json`` names (:func:`atp_repro.real.loading.load_vlm`: LLaVA-1.5, Qwen2-VL,
+    Qwen2.5-VL), in eval mode on ``device``, with ATP applied from ``atp`` (a folder holding
+    ``atp_config.json`` and ``atp_modules.pt``; the ``pretrained`` folder itself for a trained run's output
+    folder or a :func:`atp_repro.atp.save_atp_pretrained` checkpoint) if given.
 
+    Args:
+        dtype: one of :data:`DTYPES` (``auto``: the dtype the checkpoint was saved in).
+        model_types: the ``config.json`` model types accepted, a subset of
+            :data:`atp_repro.real.loading.MODEL_CLASSES`; a folder of another type fails before any weights
+            are read, naming its type and the accepted ones.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: expected one of {DTYPES}")
-    model, processor = load_llava(pretrained, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                  attn_implementation=attn_implementation or None, what="pretrained")
+    types = tuple(model_types)
+    if not types or any(t not in MODEL_CLASSES for t in types):
+        raise ValueError(f"model_types={types!r} is invalid: expected a non-empty subset of {tuple(MODEL_CLASSES)}")
+    model, processor = load_vlm(pretrained, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                attn_implementation=attn_implementation or None, what="pretrained", supported=types)
     model.to(device).eval()
     if atp:
         load_atp(model, Path(atp).expanduser())
         model.eval()
     return model, processor
+
+
+def load_local_llava(pretrained: str | Path, *, atp: str | Path | None = None, dtype: str = "auto",
+                     attn_implementation: str | None = None, device: str | torch.device = "cpu"):
+    """:func:`load_local_vlm` for a LLaVA folder only; a folder of another model type fails naming it."""
+    return load_local_vlm(pretrained, atp=atp, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                          model_types=("llava",))
+
+
+#: lmms-eval model name -> the ``config.json`` model types it serves: one name per model family, as
+#: lmms-eval's own models are (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``). The class is read from the
+#: folder, so both Qwen names serve Qwen2-VL and Qwen2.5-VL folders.
+LMMS_EVAL_MODELS: dict[str, tuple[str, ...]] = {
+    "atp_llava": ("llava",),
+    "atp_qwen2_vl": QWEN_MODEL_TYPES,
+    "atp_qwen2_5_vl": QWEN_MODEL_TYPES,
+}
+_ADAPTER_CLASSES = {"atp_llava": "ATPLlava", "atp_qwen2_vl": "ATPQwen2VL", "atp_qwen2_5_vl": "ATPQwen2VL"}
+
+
+def _served_model_type(name: str, pretrained: str | Path) -> str:
+    """The ``config.json`` model type of the folder ``pretrained`` if the lmms-eval model ``name`` serves it;
+    else :class:`~atp_repro.real.loading.UnsupportedModelError` naming the folder's type and the ``--model``
+    that serves it (checked before any weights are read)."""
+    kind = model_type(check_model_folder(pretrained, what="pretrained"), what="pretrained")
+    if kind not in LMMS_EVAL_MODELS[name]:
+        serving = next(n for n, kinds in LMMS_EVAL_MODELS.items() if kind in kinds)
+        raise UnsupportedModelError(f"--model {name} serves model_type {', '.join(map(repr, LMMS_EVAL_MODELS[name]))}"
+                                    f"; pretrained={pretrained!s} has model_type {kind!r}: use --model {serving}")
+    return kind
 
 
 def _flatten_visuals(visuals: Any) -> list[Any]:
@@ -837,9 +945,8 @@ except ImportError as _err:  # lmms-eval lives in its own environment (it pins i
 else:
     _LMMS_EVAL_IMPORT_ERROR = None
 
-    @_register_model("atp_llava")
-    class ATPLlava(_LmmsBase):
-        """lmms-eval model ``atp_llava``: a local HF LLaVA folder, optionally with ATP.
+    class _ATPAdapter(_LmmsBase):
+        """An lmms-eval "simple" model on a local HF folder of one model family, optionally with ATP.
 
         Model args (``--model_args key=value,...``): ``pretrained`` (folder), ``atp`` (ATP folder, may be
         ``pretrained`` itself), ``dtype`` (auto, float32, bfloat16, float16), ``attn_implementation``,
@@ -847,15 +954,17 @@ else:
         per task after each call: the paper's "Token"). Only ``generate_until`` is implemented.
         """
 
+        adapter_name = ""  # the --model name (a key of LMMS_EVAL_MODELS), set by each subclass
         is_simple = True
 
         def __init__(self, pretrained: str, atp: str | None = None, dtype: str = "auto",
                      attn_implementation: str | None = None, batch_size: int | str = 1, device: str | None = None,
                      token_log: str | None = None, **kwargs: Any) -> None:
             super().__init__()
+            name = self.adapter_name
             unknown = sorted(k for k, v in kwargs.items() if v is not None and k != "max_batch_size")
             if unknown:
-                raise ValueError(f"atp_llava got unknown model_args {unknown}; allowed: pretrained, atp, dtype, "
+                raise ValueError(f"{name} got unknown model_args {unknown}; allowed: pretrained, atp, dtype, "
                                  "attn_implementation, batch_size, device, token_log")
             try:
                 self._batch_size = int(batch_size)
@@ -863,6 +972,7 @@ else:
                 raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1") from None
             if self._batch_size < 1:
                 raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
+            _served_model_type(name, pretrained)
             from accelerate import Accelerator
 
             accelerator = Accelerator()
@@ -872,9 +982,9 @@ else:
             else:
                 self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.accelerator = accelerator
-            self._model, self._processor = load_local_llava(pretrained, atp=atp or None, dtype=dtype,
-                                                            attn_implementation=attn_implementation,
-                                                            device=self._device)
+            self._model, self._processor = load_local_vlm(pretrained, atp=atp or None, dtype=dtype,
+                                                          attn_implementation=attn_implementation,
+                                                          device=self._device, model_types=LMMS_EVAL_MODELS[name])
             self.pretrained = str(pretrained)
             self.token_log = Path(token_log).expanduser() if token_log else None
             self.vision_tokens: dict[str, list[float]] = {}
@@ -900,13 +1010,13 @@ else:
             return self._device
 
         def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
-            raise NotImplementedError("atp_llava implements generate_until only: the ATP-LLaVA Table 1 tasks (gqa, "
-                                      "mmbench_en_dev, mme, pope, seedbench, scienceqa_img, vqav2_val) are all "
-                                      "generate_until tasks; loglikelihood tasks such as seedbench_ppl are not "
-                                      "supported")
+            raise NotImplementedError(f"{self.adapter_name} implements generate_until only: the paper's benchmark "
+                                      "tasks (gqa, mmbench_en_dev, mme, pope, seedbench, scienceqa_img, vqav2_val) "
+                                      "are all generate_until tasks; loglikelihood tasks such as seedbench_ppl are "
+                                      "not supported")
 
         def generate_until_multi_round(self, requests: list) -> list[str]:
-            raise NotImplementedError("atp_llava does not implement multi-round generation")
+            raise NotImplementedError(f"{self.adapter_name} does not implement multi-round generation")
 
         def generate_until(self, requests: list) -> list[str]:
             built, tasks = [], []
@@ -932,32 +1042,56 @@ else:
                        for task, v in self.vision_tokens.items() if v}
             atomic_write_text(path, json.dumps({"model": self.pretrained, "tasks": summary}, indent=2) + "\n")
 
+    @_register_model("atp_llava")
+    class ATPLlava(_ATPAdapter):
+        """lmms-eval model ``atp_llava``: a local HF LLaVA folder (``llava-hf/llava-1.5-7b-hf``'s layout),
+        optionally with ATP; model args as for every adapter (see ``_ATPAdapter``)."""
 
-def register_lmms_eval_model() -> type:
-    """Make ``--model atp_llava`` resolvable in this process and return the ``ATPLlava`` class.
+        adapter_name = "atp_llava"
 
-    The class registers itself with ``lmms_eval.api.registry.register_model`` when this module is
+    @_register_model("atp_qwen2_vl", "atp_qwen2_5_vl")
+    class ATPQwen2VL(_ATPAdapter):
+        """lmms-eval model ``atp_qwen2_vl`` (alias ``atp_qwen2_5_vl``): a local HF Qwen2-VL or Qwen2.5-VL folder
+        (``Qwen/Qwen2-VL-7B-Instruct``'s layout), optionally with ATP; prompts with the processor's chat
+        template, each image at its own size (the folder's processor settings, as at training); model args
+        as for every adapter (see ``_ATPAdapter``)."""
+
+        adapter_name = "atp_qwen2_vl"
+
+
+def register_lmms_eval_model(name: str = "atp_llava") -> type:
+    """Make every ``--model`` name of :data:`LMMS_EVAL_MODELS` resolvable in this process and return the
+    class of ``name`` (``ATPLlava`` by default).
+
+    The classes register themselves with ``lmms_eval.api.registry.register_model`` when this module is
     imported; the command-line lookup of current lmms-eval goes through ``lmms_eval.models``' manifest
-    registry (older versions: its ``AVAILABLE_MODELS`` table), so it is added there too.
+    registry (older versions: its ``AVAILABLE_MODELS`` table), so they are added there too.
 
     Raises:
+        ValueError: ``name`` is not one of :data:`LMMS_EVAL_MODELS`.
         ImportError: lmms-eval is not installed (the message says how to install it).
     """
+    if name not in LMMS_EVAL_MODELS:
+        raise ValueError(f"name={name!r} is invalid: expected one of {tuple(LMMS_EVAL_MODELS)}")
     if _LMMS_EVAL_IMPORT_ERROR is not None:
         raise ImportError(INSTALL_HINT) from _LMMS_EVAL_IMPORT_ERROR
-    class_path = f"{_canonical_module()}.ATPLlava"
+    adapter = globals()[_ADAPTER_CLASSES[name]]
     try:
         import lmms_eval.models as lmms_models
     except ImportError:
-        return ATPLlava
+        return adapter
+    paths = {model_id: f"{_canonical_module()}.{_ADAPTER_CLASSES[model_id]}" for model_id in LMMS_EVAL_MODELS}
+    order = [model_id for model_id in LMMS_EVAL_MODELS if model_id != name] + [name]  # the requested one last
     registry = getattr(lmms_models, "MODEL_REGISTRY_V2", None)
     if registry is not None:
         from lmms_eval.models.registry_v2 import ModelManifest
 
-        registry.register_manifest(ModelManifest(model_id="atp_llava", simple_class_path=class_path), overwrite=True)
+        for model_id in order:
+            registry.register_manifest(ModelManifest(model_id=model_id, simple_class_path=paths[model_id]),
+                                       overwrite=True)
     elif isinstance(getattr(lmms_models, "AVAILABLE_MODELS", None), dict):
-        lmms_models.AVAILABLE_MODELS["atp_llava"] = class_path
-    return ATPLlava
+        lmms_models.AVAILABLE_MODELS.update({model_id: paths[model_id] for model_id in order})
+    return adapter
 
 
 # --------------------------------------------------------------------------------------------------
@@ -967,7 +1101,8 @@ def register_lmms_eval_model() -> type:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``retention UB PRUNED [--out CSV] [--scale paper|raw]`` prints the retention table;
-    ``lmms-eval <lmms-eval arguments>`` runs lmms-eval's command line with ``atp_llava`` registered."""
+    ``lmms-eval <lmms-eval arguments>`` runs lmms-eval's command line with the models of
+    :data:`LMMS_EVAL_MODELS` (``atp_llava``, ``atp_qwen2_vl``, ...) registered."""
     import argparse
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -984,14 +1119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m atp_repro.real.evaluation",
                                      description="Retention table from lmms-eval results, or lmms-eval with "
-                                                 "atp_llava registered (`lmms-eval ...`).")
+                                                 f"{', '.join(LMMS_EVAL_MODELS)} registered (`lmms-eval ...`).")
     sub = parser.add_subparsers(dest="command", required=True)
     ret = sub.add_parser("retention", help="upper-bound vs pruned scores, retention %% and Avg. Rate")
     ret.add_argument("upper_bound", help="lmms-eval result file or folder of the unpruned model")
     ret.add_argument("pruned", help="lmms-eval result file or folder of the pruned model")
     ret.add_argument("--out", default=None, help="write the table as CSV (atomically)")
     ret.add_argument("--scale", default="paper", choices=SCALES)
-    sub.add_parser("lmms-eval", help="run lmms-eval's CLI with --model atp_llava available")
+    sub.add_parser("lmms-eval", help=f"run lmms-eval's CLI with --model {' / '.join(LMMS_EVAL_MODELS)} available")
     ns = parser.parse_args(args)
     try:
         df = retention_report(ns.upper_bound, ns.pruned, ns.out, scale=ns.scale)

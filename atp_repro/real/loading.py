@@ -144,6 +144,6 @@ def load_vlm(path: str | Path, *, dtype=None, attn_implementation: str | None = 
 
 def load_llava(path: str | Path, *, dtype=None, attn_implementation: str | None = None,
                what: str = "model.name_or_path"):
-    """:func:`load_vlm` for a LLaVA folder only (the lmms-eval adapter's loader); another model type fails
-    naming it."""
+    """:func:`load_vlm` for a LLaVA folder only; another model type fails naming it. (The evaluation loaders
+    are :func:`atp_repro.real.evaluation.load_local_vlm`, for every model type here, and ``load_local_llava``.)"""
     return load_vlm(path, dtype=dtype, attn_implementation=attn_implementation, what=what, supported=("llava",))
