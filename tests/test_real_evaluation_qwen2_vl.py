@@ -26,6 +26,7 @@ from atp_repro.real import evaluation
 from atp_repro.real.evaluation import (
     AVG_RATE,
     TABLE7_BENCHMARKS,
+    TOKENS_KEY,
     build_prompt,
     evaluate_benchmark_file,
     generate_answers,
@@ -334,3 +335,44 @@ def test_the_qwen2_vl_adapter_with_a_stand_in_lmms_eval(monkeypatch, world, tmp_
     with pytest.raises(UnsupportedModelError, match=r"--model atp_qwen2_vl serves model_type 'qwen2_vl', "
                                                     r"'qwen2_5_vl'; .* has model_type 'llava': use --model atp_llava"):
         module.ATPQwen2VL(pretrained=str(tmp_path / "llava"), device="cpu")
+
+
+# --- the Table 7 notebook's real-weight rows ------------------------------------------------------------------
+
+
+def _table7_sides(tmp_path, atp_factor: float = 1.0, tokens: tuple[float, float] | None = None) -> dict:
+    sides = {}
+    for side, column in (("ub", 1), ("atp", 2)):
+        results = {}
+        for task, row in TABLE7.items():
+            results[task] = {f"{row[0]},none": row[column] * (atp_factor if side == "atp" else 1.0)}
+            if tokens is not None:
+                results[task][TOKENS_KEY] = tokens[column - 1]
+        sides[side] = lmms_eval_file(tmp_path / side / "20250101_000000_results.json", results)
+    return sides
+
+
+def test_table7_rows_carry_the_papers_names_scores_tokens_and_a_verdict(tmp_path):
+    from atp_repro.real.table7 import ATP_ROW, UPPER_BOUND_ROW, qwen2_vl_rows
+
+    sides = _table7_sides(tmp_path, tokens=(1076.0, 256.0))
+    rows = qwen2_vl_rows(sides["ub"], sides["atp"])
+    cells = {(row, column): value for row, column, value in rows.cells}
+    assert cells[UPPER_BOUND_ROW, "MMB-EN"] == pytest.approx(83.0) and cells[ATP_ROW, "OCRBench"] == pytest.approx(809)
+    assert round(cells[ATP_ROW, "Avg. Rate"], 1) == 96.2
+    assert cells[UPPER_BOUND_ROW, "Token"] == 1076.0 and cells[ATP_ROW, "Token"] == 256.0
+    assert (ATP_ROW, "AI2D") not in cells  # no score on either side
+    assert rows.claim.holds is True and "96.2% over 6 benchmarks" in rows.claim.evidence
+    worse = qwen2_vl_rows(*_table7_sides(tmp_path / "worse", atp_factor=0.9).values())
+    assert worse.claim.holds is False and worse.tokens == {UPPER_BOUND_ROW: None, ATP_ROW: None}
+    assert not any(column == "Token" for _, column, _ in worse.cells)
+
+
+def test_table7_rows_name_a_missing_or_empty_parameter(tmp_path):
+    from atp_repro.real.table7 import qwen2_vl_rows
+
+    sides = _table7_sides(tmp_path)
+    with pytest.raises(ValueError, match="qwen_ub_results is empty"):
+        qwen2_vl_rows("", sides["atp"])
+    with pytest.raises(FileNotFoundError, match="qwen_atp_results: .*nowhere"):
+        qwen2_vl_rows(sides["ub"], tmp_path / "nowhere")
