@@ -376,3 +376,36 @@ def test_table7_rows_name_a_missing_or_empty_parameter(tmp_path):
         qwen2_vl_rows("", sides["atp"])
     with pytest.raises(FileNotFoundError, match="qwen_atp_results: .*nowhere"):
         qwen2_vl_rows(sides["ub"], tmp_path / "nowhere")
+
+
+def test_table7_tokens_come_from_the_adapters_token_logs_per_rank_files_combined(tmp_path):
+    from atp_repro.real.table7 import ATP_ROW, UPPER_BOUND_ROW, qwen2_vl_rows, read_token_log
+
+    sides = _table7_sides(tmp_path)  # real lmms-eval result files hold no token counts
+    ub_log = tmp_path / "ub_tokens.json"
+    ub_log.write_text(json.dumps({"model": "ub", "tasks": {task: {"mean_vision_tokens": 1076.0, "requests": 10}
+                                                           for task in TABLE7}}), encoding="utf-8")
+    for rank, (mean, requests) in enumerate(((200.0, 3), (300.0, 1))):  # a two-process run: one log per rank
+        (tmp_path / f"atp_tokens.rank{rank}.json").write_text(json.dumps(
+            {"model": "atp", "tasks": {task: {"mean_vision_tokens": mean, "requests": requests} for task in TABLE7}}),
+            encoding="utf-8")
+    assert read_token_log(tmp_path / "atp_tokens.json")["DocVQA"] == pytest.approx(225.0)
+    rows = qwen2_vl_rows(sides["ub"], sides["atp"], ub_tokens=ub_log, atp_tokens=tmp_path / "atp_tokens.json")
+    assert rows.tokens == {UPPER_BOUND_ROW: pytest.approx(1076.0), ATP_ROW: pytest.approx(225.0)}
+    with pytest.raises(FileNotFoundError, match="qwen_atp_tokens: .*no such token log"):
+        qwen2_vl_rows(sides["ub"], sides["atp"], atp_tokens=tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="qwen_ub_tokens: .*is not a token log"):
+        qwen2_vl_rows(sides["ub"], sides["atp"], ub_tokens=tmp_path / "bad.json")
+
+
+def test_generation_stops_at_every_end_of_turn_id_the_model_names():
+    from types import SimpleNamespace
+
+    from atp_repro.real.evaluation import _stop_ids
+
+    qwen_like = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[151645, 151643]))
+    assert _stop_ids(qwen_like, 151645) == [151645, 151643]
+    assert _stop_ids(qwen_like, 7) == [7, 151645, 151643]
+    assert _stop_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2)), 2) == 2
+    assert _stop_ids(SimpleNamespace(), None) is None

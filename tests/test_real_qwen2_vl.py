@@ -422,3 +422,11 @@ def test_dynamic_resolution_keys_need_the_matching_model():
     mini = load_training_config(MINI_CONFIG)
     with pytest.raises(ConfigError, match=r"model\.vision_grid: null \(dynamic resolution\) is for real-scale"):
         dataclasses.replace(mini, model=dataclasses.replace(mini.model, vision_grid=None))
+
+
+def test_an_image_the_processor_cannot_resize_fails_naming_its_file(world, loaded):
+    Image.new("RGB", (2 * 201 * 28, 28), (10, 20, 30)).save(world.parent / "images" / "strip.png")  # aspect > 200
+    sample = {"id": "strip", "image": "strip.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is the image ?"}, {"from": "gpt", "value": "red"}]}
+    with pytest.raises(ValueError, match=r"sample 0 \(id strip\): unusable image: .*strip\.png \("):
+        make_dataset(world, loaded[1], samples=[sample])

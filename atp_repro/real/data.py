@@ -321,7 +321,11 @@ class LlavaInstructDataset(torch.utils.data.Dataset):
         if self.image_aspect_ratio == "pad":
             width = height = max(width, height)
         image_processor = self.processor.image_processor
-        return image_processor.get_number_of_image_patches(height, width, {}) // image_processor.merge_size**2
+        try:  # the processor's resize refuses e.g. an aspect ratio over 200 (its message names no file)
+            patches = image_processor.get_number_of_image_patches(height, width, {})
+        except ValueError as err:
+            raise ValueError(f"unusable image: {path} ({err})") from None
+        return patches // image_processor.merge_size**2
 
     # -- Dataset ----------------------------------------------------------------------------
 

@@ -625,6 +625,15 @@ def _vision_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return [float(v) for v in is_image.sum(dim=1)]
 
 
+def _stop_ids(model: torch.nn.Module, eos: int | None) -> int | list[int] | None:
+    """The tokenizer's end-of-sequence id, plus the ones the model's generation config names (Qwen2-VL-Instruct
+    ends a turn with ``<|im_end|>`` and also stops at ``<|endoftext|>``); one id stays a plain int."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    ids = ([] if eos is None else [eos]) + [i for i in configured if i != eos]
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
 def generate_detailed(model: torch.nn.Module, processor: Any,
                       requests: Sequence[tuple[str, Mapping[str, Any] | None, Sequence[Image.Image]]],
                       batch_size: int = 1) -> list[Generation]:
@@ -636,6 +645,7 @@ def generate_detailed(model: torch.nn.Module, processor: Any,
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = eos if pad is None else pad
+    eos = _stop_ids(model, eos)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     out: list[Generation | None] = [None] * len(checked)

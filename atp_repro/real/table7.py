@@ -5,11 +5,14 @@ lmms-eval runs (``--model atp_qwen2_vl``, :mod:`atp_repro.real.evaluation`): the
 upper bound) and the same model with the ATP modules trained by ``configs/qwen2vl_7b_atp.yaml``.
 :func:`qwen2_vl_rows` reads both, computes each benchmark's retention and the Avg. Rate as main Table 1
 does (:func:`atp_repro.real.evaluation.retention_table`), takes the Token column from the vision-token
-counts the adapter records (the mean over benchmarks), and judges the paper's claim on the Avg. Rate.
+counts the adapter records (its ``token_log`` model argument: a JSON file of each task's mean count; or the
+offline harness's result files, which hold them), as the mean over benchmarks, and judges the paper's claim
+on the Avg. Rate.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..paper import Claim
-from .evaluation import BENCHMARKS, TABLE7_BENCHMARKS, BenchmarkScores, read_lmms_eval_results, retention_table
+from .evaluation import BENCHMARKS, TABLE7_BENCHMARKS, read_lmms_eval_results, retention_table
 
 UPPER_BOUND_ROW = "Qwen2-VL-7B"
 ATP_ROW = "Qwen2-VL-7B + ATP"
@@ -39,18 +42,51 @@ class Table7Real:
     sources: dict[str, str]
 
 
-def _mean_tokens(scores: BenchmarkScores) -> float | None:
-    values = [v for v in scores.tokens.values() if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None
+def read_token_log(path: str | Path, what: str = "token_log") -> dict[str, float]:
+    """Benchmark -> mean vision tokens from the adapter's ``token_log`` (``{"tasks": {task: {"mean_vision_tokens",
+    "requests"}}}``). Without the file itself, the per-rank files of a multi-process run (``<stem>.rank<k><suffix>``)
+    are combined, weighted by their requests. Tasks map to benchmarks as :data:`BENCHMARKS` reads them."""
+    path = Path(path).expanduser()
+    files = [path] if path.is_file() else sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+    if not files:
+        raise FileNotFoundError(f"{what}: {path}: no such token log (nor per-rank files {path.stem}.rank<k>"
+                                f"{path.suffix})")
+    sums: dict[str, list[float]] = {}
+    for file in files:
+        try:
+            tasks = json.loads(file.read_text(encoding="utf-8"))["tasks"]
+            entries = [(task, float(e["mean_vision_tokens"]), int(e["requests"])) for task, e in tasks.items()]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{what}: {file} is not a token log ({err!r}); expected {{'tasks': {{task: "
+                             "{'mean_vision_tokens': number, 'requests': int}}}}") from None
+        for task, mean, requests in entries:
+            total = sums.setdefault(task, [0.0, 0])
+            total[0] += mean * requests
+            total[1] += requests
+    by_task = {task: total / n for task, (total, n) in sums.items() if n}
+    out = {}
+    for name in TABLE7_BENCHMARKS:
+        task = next((t for t in BENCHMARKS[name].tasks if t in by_task), None)
+        if task is not None:
+            out[name] = by_task[task]
+    return out
 
 
-def qwen2_vl_rows(ub_results: str | Path, atp_results: str | Path) -> Table7Real:
+def _mean(values: dict[str, float]) -> float | None:
+    finite = [v for v in values.values() if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def qwen2_vl_rows(ub_results: str | Path, atp_results: str | Path, *, ub_tokens: str | Path | None = None,
+                  atp_tokens: str | Path | None = None) -> Table7Real:
     """Table 7's Qwen2-VL-7B rows from the lmms-eval results of the upper bound and of the ATP model.
 
     Args:
         ub_results: an lmms-eval result file or folder of the released Qwen2-VL-7B (parameter
             ``qwen_ub_results`` of the Table 7 notebook).
         atp_results: the same for Qwen2-VL-7B with ATP (``qwen_atp_results``).
+        ub_tokens, atp_tokens: the adapter's ``token_log`` of either run (``qwen_ub_tokens``, ``qwen_atp_tokens``;
+            :func:`read_token_log`); None or empty: the counts in the result files, where they hold any.
 
     Raises:
         ValueError: a path is empty, or the two runs share no Table 7 benchmark.
@@ -79,7 +115,11 @@ def qwen2_vl_rows(ub_results: str | Path, atp_results: str | Path) -> Table7Real
                   (ATP_ROW, COLUMNS[name], float(retention.loc[name, "pruned"]))]
     avg_rate = float(retention.attrs["avg_rate"])
     cells.append((ATP_ROW, "Avg. Rate", avg_rate))
-    tokens = {UPPER_BOUND_ROW: _mean_tokens(ub), ATP_ROW: _mean_tokens(atp)}
+    tokens = {}
+    for row, scores, log, what in ((UPPER_BOUND_ROW, ub, ub_tokens, "qwen_ub_tokens"),
+                                   (ATP_ROW, atp, atp_tokens, "qwen_atp_tokens")):
+        per_benchmark = read_token_log(log, what) if log and str(log).strip() else scores.tokens
+        tokens[row] = _mean({name: v for name, v in per_benchmark.items() if name in averaged})
     cells += [(row, "Token", value) for row, value in tokens.items() if value is not None]
     missing = retention.attrs["missing"]
     evidence = (f"{avg_rate:.1f}% over {len(averaged)} benchmarks ({', '.join(averaged)})"
