@@ -325,16 +325,22 @@ def stub_lmms_eval(monkeypatch) -> dict:
     return {"registry": registry, "manifests": manifests}
 
 
-def test_adapter_generate_until_with_a_stand_in_lmms_eval(monkeypatch, tmp_path, stock, processor):
+def evaluation_with_stub(monkeypatch, name: str) -> tuple[types.ModuleType, dict]:
+    """A fresh copy of the evaluation module imported as ``name`` against :func:`stub_lmms_eval`, so that its
+    lmms-eval adapters are defined; returns the module and the stubs."""
     stubs = stub_lmms_eval(monkeypatch)
-    name = "atp_repro.real._evaluation_with_stub"
     spec = importlib.util.spec_from_file_location(name, evaluation.__file__)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
+    return module, stubs
+
+
+def test_adapter_generate_until_with_a_stand_in_lmms_eval(monkeypatch, tmp_path, stock, processor):
+    module, stubs = evaluation_with_stub(monkeypatch, "atp_repro.real._evaluation_with_stub")
     assert stubs["registry"]["atp_llava"] is module.ATPLlava
     assert module.register_lmms_eval_model() is module.ATPLlava
-    assert stubs["manifests"][-1].simple_class_path == f"{name}.ATPLlava"
+    assert stubs["manifests"][-1].simple_class_path == f"{module.__name__}.ATPLlava"
 
     folder = tmp_path / "llava"
     stock.save_pretrained(folder)

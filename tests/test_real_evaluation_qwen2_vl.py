@@ -10,11 +10,9 @@ pixels takes (h / 4) x (w / 4) tokens after the processor's resize to multiples 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,6 @@ import pytest
 from PIL import Image
 
 from atp_repro.atp import ATPConfig, apply_atp, has_atp, save_atp, token_counts
-from atp_repro.real import evaluation
 from atp_repro.real.evaluation import (
     AVG_RATE,
     TABLE7_BENCHMARKS,
@@ -38,7 +35,7 @@ from atp_repro.real.evaluation import (
 )
 from atp_repro.real.loading import UnsupportedModelError
 from atp_repro.real.tiny_world import COLOURS, LAYERS, QWEN_IMAGE_SIZES, tiny_model_and_processor, write_tiny_world
-from tests.test_real_evaluation import FakeInstance, lmms_eval_file, stub_lmms_eval
+from tests.test_real_evaluation import FakeInstance, evaluation_with_stub, lmms_eval_file
 
 QUESTION = "what colour is the image ?"
 GEN = {"max_new_tokens": 3, "temperature": 0, "do_sample": False}
@@ -290,19 +287,14 @@ def test_ocrbenchs_top_p_0_is_greedy_and_refused_when_sampling():
 
 
 def test_the_qwen2_vl_adapter_with_a_stand_in_lmms_eval(monkeypatch, world, tmp_path):
-    stubs = stub_lmms_eval(monkeypatch)
-    name = "atp_repro.real._evaluation_with_stub_qwen"
-    spec = importlib.util.spec_from_file_location(name, evaluation.__file__)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
+    module, stubs = evaluation_with_stub(monkeypatch, "atp_repro.real._evaluation_with_stub_qwen")
     registry = stubs["registry"]
     assert registry["atp_qwen2_vl"] is registry["atp_qwen2_5_vl"] is module.ATPQwen2VL
     assert registry["atp_llava"] is module.ATPLlava
     assert module.register_lmms_eval_model("atp_qwen2_vl") is module.ATPQwen2VL
     paths = {m.model_id: m.simple_class_path for m in stubs["manifests"]}
-    assert paths == {"atp_llava": f"{name}.ATPLlava", "atp_qwen2_vl": f"{name}.ATPQwen2VL",
-                     "atp_qwen2_5_vl": f"{name}.ATPQwen2VL"}
+    assert paths == {"atp_llava": f"{module.__name__}.ATPLlava", "atp_qwen2_vl": f"{module.__name__}.ATPQwen2VL",
+                     "atp_qwen2_5_vl": f"{module.__name__}.ATPQwen2VL"}
     with pytest.raises(ValueError, match="name='atp_qwen' is invalid: expected one of"):
         module.register_lmms_eval_model("atp_qwen")
 
