@@ -46,7 +46,25 @@ def run_real_training(args: argparse.Namespace) -> int:
         keep = ("global_step", "max_steps", "train_loss", "precision", "processes", "gradient_accumulation_steps",
                 "global_batch_size", "zero_stage", "samples", "skipped", "resumed_from", "final_model")
         print(json.dumps({k: summary[k] for k in keep}, indent=2, default=str))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_launched_process()
     return 0
+
+
+def exit_launched_process() -> None:
+    """End a process of a multi-process launch once its work is saved, without the interpreter's teardown.
+
+    The process group is already destroyed (every rank passed a barrier, the summary and the model are
+    written), but threads that DeepSpeed and gloo started can still be running when Python's shutdown
+    destroys them, and a process then aborts ("terminate called without an active exception", exit -6)
+    now and then although its work is done; the launcher reports the whole run as failed. Flushing the
+    standard streams and leaving with ``os._exit(0)`` skips that teardown and nothing else."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @subcommand("retention", help="main Table 1's retention (Avg. Rate) from lmms-eval result files of two models")
