@@ -57,10 +57,6 @@ class MiniWorldConfig:
     # Experimental, off by default: hide random vision tokens from deeper layers in part of the upper
     # bound's training samples (atp_repro.mini.token_dropout). None = train as LLaVA-1.5 trains.
     ub_token_dropout: TokenDropoutConfig | None = None
-    # Step of the upper bound's stage 2 at which a stage-2 ATP run (start="stage1") inserts its modules: the
-    # runs share the upper bound's first steps (one cached prefix) and train the remaining ones with ATP.
-    # 0 = with the modules in place from the first step.
-    stage2_join_step: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test", "ub_turns"):
@@ -69,9 +65,6 @@ class MiniWorldConfig:
         if not 0.0 <= self.ub_simple_fraction <= 1.0:
             raise ValueError(f"MiniWorldConfig.ub_simple_fraction must be in [0, 1], got {self.ub_simple_fraction}")
         check_family_weights(self.ub_family_weights, "MiniWorldConfig.ub_family_weights")
-        if not 0 <= self.stage2_join_step < self.train.steps:
-            raise ValueError(f"MiniWorldConfig.stage2_join_step must be in 0..{self.train.steps - 1} (the upper "
-                             f"bound's steps), got {self.stage2_join_step}")
         if self.model.image_size != self.scene.image_size:
             raise ValueError(
                 "MiniWorldConfig: model.image_size must equal scene.image_size, got "
@@ -243,28 +236,6 @@ def stage1_model(world: MiniWorldConfig, tok, *, progress: bool = True) -> tuple
     return model, vinfo
 
 
-def stage2_prefix(world: MiniWorldConfig, *, progress: bool = True) -> tuple[dict, RunInfo]:
-    """The upper bound's training state after its first ``world.stage2_join_step`` steps (cached): weights,
-    optimizer, schedule and RNG, as its own checkpoint at that step holds them."""
-    spec = {"kind": "stage2_prefix", "upper_bound": spec_hash(upper_bound_spec(world)), "steps": world.stage2_join_step}
-    tok = build_tokenizer()
-
-    def build(folder: Path) -> dict:
-        if world.ub_token_dropout:
-            raise ValueError("a stage-2 prefix of an upper bound trained with token dropout is not supported")
-        model, _ = stage1_model(world, tok, progress=progress)
-        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
-        res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
-                    run_spec=upper_bound_spec(world), progress=progress, until=world.stage2_join_step)
-        (folder / "partial" / "checkpoint.pt").replace(folder / "state.pt")
-        shutil.rmtree(folder / "partial")
-        return {"wall_time_s": res.wall_time_s, "final_loss": sum(res.losses[-20:]) / max(1, len(res.losses[-20:])),
-                "losses": res.losses, "resumed_from": res.resumed_from}
-
-    folder, manifest, status = load_or_build("stage2_prefix", spec, build)
-    return torch.load(folder / "state.pt", weights_only=False), RunInfo("stage2_prefix", folder, status, manifest)
-
-
 def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = True):
     """The all-tokens model (the paper's "Upper Bound"), trained from scratch on the train split."""
     spec = upper_bound_spec(world)
@@ -363,10 +334,8 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
     spec = atp_spec(world, atp_cfg, train_cfg)
     if start == "stage1":
         # The parent spec names the recipe (tower, data, conversations, model init) this run shares with
-        # the upper bound; the run does not read the finished upper bound's weights.
+        # the upper bound; the run does not read the upper bound's weights.
         spec["start"] = "stage1"
-        if world.stage2_join_step:  # only when set, so that runs trained from step 0 keep their keys
-            spec["join_step"] = world.stage2_join_step
         tok = build_tokenizer()
         ub = None
     elif qwen is None:
@@ -379,10 +348,6 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
 
     def build(folder: Path) -> dict:
         base = stage1_model(world, tok, progress=progress)[0] if start == "stage1" else ub
-        prefix = None
-        if start == "stage1" and world.stage2_join_step:
-            prefix, _ = stage2_prefix(world, progress=progress)
-            base.load_state_dict(prefix["model"])
         # The threshold networks' trunks are drawn at insertion. From the global RNG they would depend
         # on what ran before in the process (a freshly trained upper bound vs one loaded from the cache
         # gave different fine-tunes: 309 vs 264 tokens, measured), so they are drawn from the run's seed.
@@ -395,7 +360,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
-                    track=mean_vision_tokens, start=prefix)
+                    track=mean_vision_tokens)
         return _finish(folder, model, tok, res, {"calibration": calibration, "tokens_per_step": res.tracked})
 
     folder, manifest, status = load_or_build("atp", spec, build)

@@ -169,16 +169,8 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     track: Callable[[torch.nn.Module], float] | None = None,
-    until: int | None = None,
-    start: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps, resuming from ``checkpoint_path`` if valid.
-
-    ``until``: stop after that many steps of the ``cfg.steps`` schedule (the shared prefix of longer runs).
-    ``start``: continue another run's state (a checkpoint dict of this function: step, model, optimizer,
-    scheduler) instead of step 0, when no checkpoint of this run exists. The model may hold parameters the
-    other run did not have (ATP modules inserted at that step): they keep their values and start with a
-    fresh optimizer state; every parameter the other run trained continues with its optimizer state.
 
     ``extra_loss(model)`` is added to the LM loss after each forward (the ATP budget loss).
     ``on_step(step, loss)`` is called after each optimizer step (tests use it to interrupt).
@@ -187,11 +179,6 @@ def train(
     """
     if len(dataset) < cfg.n_train:
         raise ValueError(f"dataset has {len(dataset)} samples but TrainConfig.n_train={cfg.n_train}")
-    end = cfg.steps if until is None else until
-    if not 1 <= end <= cfg.steps:
-        raise ValueError(f"until must be in 1..{cfg.steps} (TrainConfig.steps), got {until}")
-    if start is not None and not 0 <= start["step"] < end:
-        raise ValueError(f"start: the other run stopped at step {start['step']}; this run ends at step {end}")
     torch.set_num_threads(cfg.num_threads)
     run_hash = spec_hash(json.loads(canonical_json({"train": dataclasses.asdict(cfg), "run": run_spec or {}})))
     groups = param_groups(model, cfg, atp_params or [])
@@ -200,22 +187,20 @@ def train(
         opt, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_steps)
     )
     collate = Collator(dataset.tokenizer.pad_token_id, mode="train")
-    first, wall, losses, tracked = 0, 0.0, [], []
+    start, wall, losses, tracked = 0, 0.0, [], []
     state = _load_checkpoint(checkpoint_path, run_hash) if checkpoint_path else None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        first, wall, losses = state["step"], state["wall_time_s"], state["losses"]
+        start, wall, losses = state["step"], state["wall_time_s"], state["losses"]
         tracked = state.get("tracked", [])
-    elif start is not None:
-        first = _continue_from(start, model, groups, opt, sched)
-    resumed_from = first
+    resumed_from = start
     model.train()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    bar = tqdm(total=end, initial=first, disable=not progress, desc="train", dynamic_ncols=True)
-    for step in range(first, end):
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         batch = collate([dataset[i] for i in batch_indices(step, cfg.batch_size, cfg.n_train, cfg.seed)])
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -234,7 +219,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
-        if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == end):
+        if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             state = {
                 "step": done,
                 "model": model.state_dict(),
@@ -250,35 +235,4 @@ def train(
             on_step(done, losses[-1])
     bar.close()
     model.eval()
-    return TrainResult(steps=end, wall_time_s=wall, losses=losses, resumed_from=resumed_from, tracked=tracked)
-
-
-def _continue_from(state: dict, model: torch.nn.Module, groups: list[dict], opt: torch.optim.Optimizer,
-                   sched: torch.optim.lr_scheduler.LambdaLR) -> int:
-    """Load another run's state at its step into a model that may have new parameters; return the step.
-
-    The other run's optimizer held the ``lm`` group only (same parameters, same order); a new ``atp``
-    group starts without moments. The schedule continues at the step: every group's rate is its base
-    rate times the schedule's multiplier there, as if it had been in place from step 0."""
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    by_name = dict(model.named_parameters())
-    fresh = {id(p) for g in groups[1:] for p in g["params"]}
-    foreign = [n for n in missing if n not in by_name or id(by_name[n]) not in fresh]
-    if unexpected or foreign:
-        raise ValueError(f"start: the other run's weights do not fit this model (unexpected {unexpected[:3]}, "
-                         f"missing {foreign[:3]})")
-    other = state["optimizer"]
-    if len(other["param_groups"]) != 1 or groups[0].get("name") != "lm" or \
-            len(other["param_groups"][0]["params"]) != len(groups[0]["params"]):
-        raise ValueError("start: the other run must have trained the same language-model parameters (one group)")
-    current = opt.state_dict()
-    n_lm = len(groups[0]["params"])
-    current["state"] = {i: other["state"][i] for i in range(n_lm) if i in other["state"]}
-    current["param_groups"][0] = {**other["param_groups"][0], "params": current["param_groups"][0]["params"]}
-    opt.load_state_dict(current)
-    step = int(state["step"])
-    sched.last_epoch = step
-    for group, base, factor in zip(opt.param_groups, sched.base_lrs, (f(step) for f in sched.lr_lambdas)):
-        group["lr"] = base * factor
-    torch.set_rng_state(state["torch_rng"])
-    return step
+    return TrainResult(steps=cfg.steps, wall_time_s=wall, losses=losses, resumed_from=resumed_from, tracked=tracked)
