@@ -58,7 +58,8 @@ def exit_launched_process() -> None:
     written), but threads that DeepSpeed and gloo started can still be running when Python's shutdown
     destroys them, and a process then aborts ("terminate called without an active exception", exit -6)
     now and then although its work is done; the launcher reports the whole run as failed. Flushing the
-    standard streams and leaving with ``os._exit(0)`` skips that teardown and nothing else."""
+    standard streams and leaving with ``os._exit(0)`` skips that teardown, atexit handlers included
+    (the run's files are written and closed before)."""
     import os
     import sys
 
