@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from atp_repro.cli import subcommand
 
@@ -40,8 +42,6 @@ def run_real_training(args: argparse.Namespace) -> int:
 
     summary = train_from_config(cfg, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps,
                                 stop_after_steps=args.stop_after_steps)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         keep = ("global_step", "max_steps", "train_loss", "precision", "processes", "gradient_accumulation_steps",
                 "global_batch_size", "zero_stage", "samples", "skipped", "resumed_from", "final_model")
@@ -60,9 +60,6 @@ def exit_launched_process() -> None:
     now and then although its work is done; the launcher reports the whole run as failed. Flushing the
     standard streams and leaving with ``os._exit(0)`` skips that teardown, atexit handlers included
     (the run's files are written and closed before)."""
-    import os
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
