@@ -1,4 +1,4 @@
-"""What the mini world's vision grid costs: one step of each stage at 12x12 vs LLaVA-1.5's 24x24.
+"""What the mini world's vision grid costs: one step of each stage at its grid vs LLaVA-1.5's 24x24.
 
 Training the 24x24 upper bound takes several times the cold ``make reproduce`` budget, so instead of
 training it, this measures in one process what one step of each stage costs at each grid, on freshly

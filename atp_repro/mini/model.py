@@ -2,8 +2,8 @@
 
 CLIP vision tower -> 2-layer MLP projector -> Llama decoder, i.e. ``LlavaForConditionalGeneration``
 exactly as LLaVA-1.5 is assembled, only smaller. The vision grid is ``image_size // patch_size``:
-with the default 96 px scenes, patch 8 gives 12x12 = 144 tokens and patch 4 gives LLaVA-1.5's
-24x24 = 576.
+with the default 96 px scenes, patch 12 gives the mini world's 8x8 = 64 tokens (``configs/mini_world.yaml``),
+patch 8 gives 12x12 = 144 (this class's default) and patch 4 gives LLaVA-1.5's 24x24 = 576.
 """
 
 from __future__ import annotations
