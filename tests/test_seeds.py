@@ -32,9 +32,16 @@ def test_value_over_seeds_is_the_t_interval_of_the_mean():
     assert est.seed_sd == pytest.approx(2.0)
     assert (est.low, est.high) == pytest.approx((32.0 - hw, 32.0 + hw))
     assert est.n_seeds == 3 and est.per_seed == (30.0, 32.0, 34.0)
-    single = value_over_seeds([31.0])
-    assert math.isnan(single.seed_halfwidth) and (single.low, single.high) == (31.0, 31.0)
-    assert "training variation not measured" in single.shown(scale=1, unit=" tokens")
+    single = value_over_seeds([31.0])  # one seed: no spread measured and no other source of noise
+    assert math.isnan(single.seed_halfwidth) and math.isnan(single.low) and math.isnan(single.high)
+    assert "no interval: 1 seed" in single.shown(scale=1, unit=" tokens")
+    from atp_repro.paper import Claim
+
+    assert Claim.from_interval("more tokens", single.low, single.high, 0.0).inconclusive
+    assert Claim.within("near the goal", single.low - 31.0, single.high - 31.0, 5.0).inconclusive
+    one_each = value_difference_over_seeds([130.4], [130.2])  # a 0.2-token step of one run each: undecided
+    assert one_each.value == pytest.approx(0.2) and math.isnan(one_each.low)
+    assert Claim.from_interval("row 3 keeps more", one_each.low, one_each.high, 0.0).inconclusive
     assert "interval 30.0 to 34.0" not in est.shown(scale=1) and ", seeds; 3 seeds" in est.shown(scale=1)
 
 

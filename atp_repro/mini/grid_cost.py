@@ -55,9 +55,11 @@ def grid_world(world: MiniWorldConfig, grid: int) -> MiniWorldConfig:
     return world.replace(model=world.model.replace(patch_size=size // grid))
 
 
-def grid_step_costs(world: MiniWorldConfig, grids: Sequence[int] = (12, 24), *, repeats: int = 3,
+def grid_step_costs(world: MiniWorldConfig, grids: Sequence[int] | None = None, *, repeats: int = 3,
                     eval_questions: int = 32) -> pd.DataFrame:
     """Seconds per step of each mini-world stage at each grid, and the stage times they predict.
+
+    ``grids`` defaults to the world's own grid and LLaVA-1.5's 24.
 
     Returns one row per grid: ``grid, vision_tokens, tower_step_s, ub_step_s, eval_question_s`` and
     the predicted ``tower_min`` / ``ub_min`` (step time x the config's steps) and ``eval_min`` (per
@@ -65,6 +67,7 @@ def grid_step_costs(world: MiniWorldConfig, grids: Sequence[int] = (12, 24), *, 
     """
     torch.set_num_threads(world.train.num_threads)
     tok = build_tokenizer()
+    grids = (world.grid, 24) if grids is None else grids
     return pd.DataFrame([_grid_costs(grid_world(world, g), tok, repeats, eval_questions) for g in grids])
 
 

@@ -14,7 +14,9 @@ source can flip on a rerun, so every mini-world claim is judged on an interval t
 
 The two half-widths add in quadrature on each side of the estimate (independent sources). With one
 seed the training variation is unmeasured: the interval is the test-question one alone and
-:attr:`SeedInterval.seed_halfwidth` is NaN, which the evidence strings say.
+:attr:`SeedInterval.seed_halfwidth` is NaN, which the evidence strings say. A quantity without
+test-question noise (kept tokens) then has no interval at all (NaN bounds), and a claim judged on it is
+inconclusive.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class SeedInterval:
         seeds = ", ".join(f.format(scale * v) for v in self.per_seed)
         spread = (f"{self.n_seeds} seeds {seeds}" if self.n_seeds > 1
                   else "1 seed: training variation not measured")
+        if math.isnan(self.low) or math.isnan(self.high):
+            return f"{f.format(scale * self.value)}{unit} (no interval: 1 seed, and seeds are its only source of noise)"
         sources = ("seeds" if self.question_low == self.question_high == self.value
                    else "seeds and test questions")
         return (f"{f.format(scale * self.value)}{unit} (95% interval {f.format(scale * self.low)} to "
@@ -159,6 +163,16 @@ def rate_difference_over_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFra
     return SeedInterval(value, low, high, per_seed, sd, hw, float(q_low), float(q_high))
 
 
+def _seed_only(value: float, seed_hw: float) -> tuple[float, float]:
+    """Bounds of a quantity whose only noise is the seeds': undefined (NaN) with one seed.
+
+    A claim judged on such an interval is then inconclusive (:meth:`atp_repro.paper.Claim.from_interval`):
+    one training run measures no spread, so even a difference of 0.1 token would otherwise "hold"."""
+    if math.isnan(seed_hw):
+        return float("nan"), float("nan")
+    return value - seed_hw, value + seed_hw
+
+
 def value_over_seeds(values: Sequence[float], *, level: float = LEVEL) -> SeedInterval:
     """A quantity without test-question noise in this design (e.g. mean kept tokens) over seeds."""
     if len(values) < 1:
@@ -166,7 +180,7 @@ def value_over_seeds(values: Sequence[float], *, level: float = LEVEL) -> SeedIn
     v = tuple(float(x) for x in values)
     value = float(np.mean(v))
     sd, hw = _t_halfwidth(v, level)
-    low, high = _combine(value, value, value, hw)
+    low, high = _seed_only(value, hw)
     return SeedInterval(value, low, high, v, sd, hw, value, value)
 
 
@@ -176,7 +190,7 @@ def value_difference_over_seeds(a: Sequence[float], b: Sequence[float], *, level
         raise ValueError("a and b must each hold at least one seed's value")
     value = float(np.mean(a) - np.mean(b))
     hw = _welch_halfwidth(a, b, level)
-    low, high = _combine(value, value, value, hw)
+    low, high = _seed_only(value, hw)
     per_seed = tuple(float(x) - float(y) for x, y in zip(a, b))
     sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
     return SeedInterval(value, low, high, per_seed, sd, hw, value, value)
