@@ -13,6 +13,7 @@ from atp_repro.mini.seeds import (
     value_difference_over_seeds,
     value_over_seeds,
 )
+from atp_repro.paper import Claim
 
 
 def _records(correct) -> pd.DataFrame:
@@ -35,8 +36,6 @@ def test_value_over_seeds_is_the_t_interval_of_the_mean():
     single = value_over_seeds([31.0])  # one seed: no spread measured and no other source of noise
     assert math.isnan(single.seed_halfwidth) and math.isnan(single.low) and math.isnan(single.high)
     assert "no interval: 1 seed" in single.shown(scale=1, unit=" tokens")
-    from atp_repro.paper import Claim
-
     assert Claim.from_interval("more tokens", single.low, single.high, 0.0).inconclusive
     assert Claim.within("near the goal", single.low - 31.0, single.high - 31.0, 5.0).inconclusive
     one_each = value_difference_over_seeds([130.4], [130.2])  # a 0.2-token step of one run each: undecided

@@ -65,11 +65,11 @@ class SeedInterval:
         """E.g. ``+2.3 points (95% interval +0.4 to +4.2; seeds +1.9, +2.8, +2.2)``."""
         sign = "+" if signed else ""
         f = f"{{:{sign}.{digits}f}}"
+        if math.isnan(self.low) or math.isnan(self.high):
+            return f"{f.format(scale * self.value)}{unit} (no interval: 1 seed, and seeds are its only source of noise)"
         seeds = ", ".join(f.format(scale * v) for v in self.per_seed)
         spread = (f"{self.n_seeds} seeds {seeds}" if self.n_seeds > 1
                   else "1 seed: training variation not measured")
-        if math.isnan(self.low) or math.isnan(self.high):
-            return f"{f.format(scale * self.value)}{unit} (no interval: 1 seed, and seeds are its only source of noise)"
         sources = ("seeds" if self.question_low == self.question_high == self.value
                    else "seeds and test questions")
         return (f"{f.format(scale * self.value)}{unit} (95% interval {f.format(scale * self.low)} to "
