@@ -527,3 +527,68 @@ def test_interrupted_tower_pretraining_resumes_to_identical_weights(cache_dir, m
     assert not (folder / "partial").exists()
     for k, v in reference.items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_a_run_split_at_a_step_ends_with_the_weights_of_the_whole_run(cache_dir):
+    """stop_step=k then first_step=k (optimizer state carried by name) == one uninterrupted run."""
+    from atp_repro.mini import runs
+    from atp_repro.mini.train import train
+
+    whole, _, _ = upper_bound(TINY_WORLD, progress=False)
+    tok = runs.build_tokenizer()
+    ds = TINY_WORLD.dataset("train", tokenizer=tok, turns=TINY_WORLD.ub_turns)
+    model, _ = runs.stage1_model(TINY_WORLD, tok, progress=False)
+    first = train(model, ds, TINY_WORLD.train, progress=False, stop_step=3, keep_optimizer_state=True)
+    assert first.steps == 3 and len(first.losses) == 3 and first.optimizer_state
+    second = train(model, ds, TINY_WORLD.train, progress=False, first_step=3, optimizer_state=first.optimizer_state)
+    assert len(second.losses) == 3
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    # without the optimizer state the second half is a different run
+    model2, _ = runs.stage1_model(TINY_WORLD, tok, progress=False)
+    train(model2, ds, TINY_WORLD.train, progress=False, stop_step=3)
+    train(model2, ds, TINY_WORLD.train, progress=False, first_step=3)
+    assert any(not torch.equal(v, model2.state_dict()[k]) for k, v in whole.state_dict().items())
+
+
+def test_split_arguments_are_checked_before_training():
+    from atp_repro.mini import runs
+    from atp_repro.mini.train import train
+
+    tok = runs.build_tokenizer()
+    ds = TINY_WORLD.dataset("train", tokenizer=tok)
+    model, _ = runs.stage1_model(TINY_WORLD, tok, progress=False)
+    for kw in ({"first_step": 6}, {"stop_step": 7}, {"first_step": 3, "stop_step": 2}, {"first_step": -1}):
+        with pytest.raises(ValueError, match="first_step and stop_step"):
+            train(model, ds, TINY_WORLD.train, progress=False, **kw)
+    with pytest.raises(ValueError, match="optimizer_state names parameters"):
+        train(model, ds, TINY_WORLD.train, progress=False, first_step=3, optimizer_state={"nope": {}})
+
+
+def test_atp_joining_stage_two_starts_from_the_upper_bounds_own_prefix(cache_dir):
+    """join_step=k: the run's LM starts from the upper bound's weights at step k (the shared prefix)."""
+    from atp_repro import ATPConfig
+    from atp_repro.mini import runs
+
+    atp_cfg = ATPConfig(module_layers=(0, 3, 5), grid_strides=(2,))
+    cfg = TINY_WORLD.train.replace(lr_atp=1e-2)
+    weights, opt_state, pinfo = runs.stage2_prefix(TINY_WORLD, 3, progress=False)
+    tok = runs.build_tokenizer()
+    ds = TINY_WORLD.dataset("train", tokenizer=tok, turns=TINY_WORLD.ub_turns)
+    ref, _ = runs.stage1_model(TINY_WORLD, tok, progress=False)
+    from atp_repro.mini.train import train
+
+    train(ref, ds, TINY_WORLD.train, progress=False, stop_step=3)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert set(opt_state) == {n for n, p in ref.named_parameters() if p.requires_grad}
+    model, _, info = runs.atp_finetune(TINY_WORLD, atp_cfg, cfg, progress=False, start="stage1", join_step=3)
+    m = info.manifest
+    assert len(m["losses"]) == 3 and m["wall_time_s"] == pytest.approx(m["atp_wall_time_s"] + pinfo.wall_time_s)
+    assert m["spec"]["join"]["step"] == 3
+    other, _, info0 = runs.atp_finetune(TINY_WORLD, atp_cfg, cfg, progress=False, start="stage1")
+    assert info0.spec_hash != info.spec_hash and len(info0.manifest["losses"]) == 6
+    with pytest.raises(ValueError, match="join_step > 0 needs start='stage1'"):
+        runs.atp_finetune(TINY_WORLD, atp_cfg, cfg, progress=False, join_step=3)
+    with pytest.raises(ValueError, match="steps must be an int"):
+        runs.stage2_prefix(TINY_WORLD, 6, progress=False)
