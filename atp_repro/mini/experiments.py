@@ -47,8 +47,6 @@ class Variant:
     ``start``: ``"upper_bound"`` fine-tunes the finished upper bound for the setup's fine-tune steps;
     ``"stage1"`` trains ATP through the upper bound's stage 2 from the stage-1 model (the paper's
     trainable-LM setting, :func:`atp_repro.mini.runs.atp_finetune`), for the upper bound's steps.
-    ``join`` (``start="stage1"`` only): the fraction of stage 2 trained as the upper bound before the
-    modules join (0 = from the first step).
     """
 
     tokens_576: float = 144.0
@@ -57,12 +55,8 @@ class Variant:
     description: str = ""
     prune: bool = True
     start: str = "upper_bound"
-    join: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.join < 1.0) or (self.join and self.start != "stage1"):
-            raise ValueError(f"Variant.join must be in [0, 1) and needs start='stage1' when > 0, got join={self.join!r}, "
-                             f"start={self.start!r}")
         if self.start not in runs.STARTS:
             raise ValueError(f"Variant.start must be one of {runs.STARTS}, got {self.start!r}")
         if self.start == "stage1" and self.frozen_lm:
@@ -188,11 +182,7 @@ class Setup:
         if not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         return runs.atp_finetune(self.world, self.atp_config(v), self.train_config(v, seed), progress=progress,
-                                 start=v.start, join_step=self.join_step(v))
-
-    def join_step(self, variant: Variant) -> int:
-        """The stage-2 step at which ``variant``'s modules join (0: from the start)."""
-        return int(round(variant.join * self.world.train.steps))
+                                 start=v.start)
 
     def qwen_upper_bound(self, qwen=None, progress: bool = True):
         """The mini Qwen2-VL upper bound (:mod:`atp_repro.mini.qwen`), built from this setup's upper bound."""

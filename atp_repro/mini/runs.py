@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import numerics
-from .cache import atomic_torch_save, load_or_build, spec_hash
+from .cache import load_or_build, spec_hash
 from .data import SPLIT_SEEDS, Collator, FamilyWeights, MiniVQA, check_family_weights, make_conversation, make_sample
 from .image_inputs import model_inputs
 from .model import MiniModelConfig, build_model, count_parameters
@@ -260,29 +260,6 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
     return model, tok, RunInfo("upper_bound", folder, status, manifest)
 
 
-def stage2_prefix(world: MiniWorldConfig, steps: int, *, progress: bool = True) -> tuple[dict, dict, RunInfo]:
-    """The upper bound's stage 2 stopped after its first ``steps`` steps: (weights, optimizer state by
-    parameter name, info). Same model, data order and schedule as :func:`upper_bound`, so its weights
-    are the upper bound's at that step; an ATP run with ``join_step`` continues from it."""
-    if not (isinstance(steps, int) and 0 < steps < world.train.steps):
-        raise ValueError(f"steps must be an int with 0 < steps < world.train.steps = {world.train.steps}, "
-                         f"got {steps!r}")
-    spec = {"kind": "stage2_prefix", "parent": spec_hash(upper_bound_spec(world)), "steps": steps}
-    tok = build_tokenizer()
-
-    def build(folder: Path) -> dict:
-        model, _ = stage1_model(world, tok, progress=progress)
-        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
-        res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
-                    progress=progress, stop_step=steps, keep_optimizer_state=True)
-        atomic_torch_save(res.optimizer_state, folder / "optimizer.pt")
-        return _finish(folder, model, tok, res, {})
-
-    folder, manifest, status = load_or_build("stage2_prefix", spec, build)
-    return (torch.load(folder / "model.pt", weights_only=True), torch.load(folder / "optimizer.pt", weights_only=True),
-            RunInfo("stage2_prefix", folder, status, manifest))
-
-
 COMPONENT_FIELDS = ("importance", "criteria")  # ATPConfig switches of the component ablation
 
 
@@ -336,7 +313,7 @@ STARTS = ("upper_bound", "stage1")  # where an ATP run starts: see atp_finetune
 
 
 def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *, progress: bool = True,
-                 qwen: Any = None, start: str = "upper_bound", join_step: int = 0):
+                 qwen: Any = None, start: str = "upper_bound"):
     """Insert ATP modules and train them (``train_cfg.trainable``: lm or atp); returns (model, tokenizer, info).
 
     ``start="upper_bound"``: into the finished upper-bound model, fine-tuned on single-question samples
@@ -345,10 +322,6 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
     the upper bound's own stage 2 (its multi-turn conversations, data order, learning-rate schedule and
     steps: pass ``world.train`` with the ATP rate and seed): the paper's trainable-LM setting, where
     ATP-LLaVA completes LLaVA-1.5's stage 2 with the modules in place (supplementary Sec. 1 and 4).
-    ``join_step`` k > 0 (``start="stage1"`` only): the modules join stage 2 at its step k; steps 0..k-1 are
-    the upper bound's own (:func:`stage2_prefix`, shared by every run that joins at k), so the LM has
-    learnt to look at the image before its attention starts choosing tokens. The run's wall-time
-    includes the prefix's.
     ``qwen`` (a :class:`~atp_repro.mini.qwen.QwenMiniConfig`): into the mini Qwen2-VL upper bound instead.
     """
     from atp_repro import apply_atp, atp_parameters, budget_loss  # the core method
@@ -358,14 +331,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
     if start == "stage1" and (qwen is not None or train_cfg.trainable != "lm"):
         raise ValueError("start='stage1' trains the LM from its initialisation: it needs train_cfg.trainable='lm' "
                          f"and the mini LLaVA (qwen=None), got trainable={train_cfg.trainable!r}, qwen={qwen!r}")
-    if join_step and start != "stage1":
-        raise ValueError(f"join_step > 0 needs start='stage1' (ATP joining the upper bound's stage 2), got "
-                         f"start={start!r}, join_step={join_step!r}")
     spec = atp_spec(world, atp_cfg, train_cfg)
-    prefix = None
-    if join_step:
-        prefix = stage2_prefix(world, join_step, progress=progress)
-        spec["join"] = {"step": join_step, "prefix": prefix[2].spec_hash}
     if start == "stage1":
         # The parent spec names the recipe (tower, data, conversations, model init) this run shares with
         # the upper bound; the run does not read the upper bound's weights.
@@ -382,8 +348,6 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
 
     def build(folder: Path) -> dict:
         base = stage1_model(world, tok, progress=progress)[0] if start == "stage1" else ub
-        if prefix is not None:
-            base.load_state_dict(prefix[0])
         # The threshold networks' trunks are drawn at insertion. From the global RNG they would depend
         # on what ran before in the process (a freshly trained upper bound vs one loaded from the cache
         # gave different fine-tunes: 309 vs 264 tokens, measured), so they are drawn from the run's seed.
@@ -396,14 +360,8 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
-                    track=mean_vision_tokens, first_step=join_step,
-                    optimizer_state=None if prefix is None else prefix[1])
-        out = _finish(folder, model, tok, res, {"calibration": calibration, "tokens_per_step": res.tracked})
-        if prefix is not None:  # the shared prefix is part of this run's training
-            out["atp_wall_time_s"] = out["wall_time_s"]
-            out["prefix_wall_time_s"] = prefix[2].wall_time_s
-            out["wall_time_s"] += prefix[2].wall_time_s
-        return out
+                    track=mean_vision_tokens)
+        return _finish(folder, model, tok, res, {"calibration": calibration, "tokens_per_step": res.tracked})
 
     folder, manifest, status = load_or_build("atp", spec, build)
     stock = build_model(world.model, tok)

@@ -128,7 +128,6 @@ class TrainResult:
     losses: list[float]
     resumed_from: int
     tracked: list[float] = dataclasses.field(default_factory=list)  # ``track(model)`` after each forward
-    optimizer_state: dict | None = None  # per parameter name (``keep_optimizer_state=True``)
 
 
 def _save_checkpoint(path: Path, state: dict, run_hash: str) -> None:
@@ -170,18 +169,8 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     track: Callable[[torch.nn.Module], float] | None = None,
-    first_step: int = 0,
-    stop_step: int | None = None,
-    optimizer_state: dict | None = None,
-    keep_optimizer_state: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps, resuming from ``checkpoint_path`` if valid.
-
-    A run can be split in two at a step k: ``stop_step=k, keep_optimizer_state=True`` trains steps
-    0..k-1 and returns the optimizer state by parameter name; ``first_step=k, optimizer_state=...``
-    continues with steps k..cfg.steps-1 of the same schedule and data order (new parameters, such as
-    ATP modules inserted at step k, start with a fresh state). Both halves together give the same
-    weights as one uninterrupted run (tests/test_mini_train.py).
 
     ``extra_loss(model)`` is added to the LM loss after each forward (the ATP budget loss).
     ``on_step(step, loss)`` is called after each optimizer step (tests use it to interrupt).
@@ -190,21 +179,15 @@ def train(
     """
     if len(dataset) < cfg.n_train:
         raise ValueError(f"dataset has {len(dataset)} samples but TrainConfig.n_train={cfg.n_train}")
-    end = cfg.steps if stop_step is None else stop_step
-    if not (isinstance(first_step, int) and 0 <= first_step < end <= cfg.steps):
-        raise ValueError(f"first_step and stop_step must satisfy 0 <= first_step < stop_step <= cfg.steps = "
-                         f"{cfg.steps}, got first_step={first_step!r}, stop_step={stop_step!r}")
     torch.set_num_threads(cfg.num_threads)
     run_hash = spec_hash(json.loads(canonical_json({"train": dataclasses.asdict(cfg), "run": run_spec or {}})))
     groups = param_groups(model, cfg, atp_params or [])
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s + first_step, cfg.steps, cfg.warmup_steps)
+        opt, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_steps)
     )
-    if optimizer_state is not None:
-        _load_state_by_name(model, opt, optimizer_state)
     collate = Collator(dataset.tokenizer.pad_token_id, mode="train")
-    start, wall, losses, tracked = first_step, 0.0, [], []
+    start, wall, losses, tracked = 0, 0.0, [], []
     state = _load_checkpoint(checkpoint_path, run_hash) if checkpoint_path else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -216,8 +199,8 @@ def train(
     resumed_from = start
     model.train()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    bar = tqdm(total=end, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
-    for step in range(start, end):
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         batch = collate([dataset[i] for i in batch_indices(step, cfg.batch_size, cfg.n_train, cfg.seed)])
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -236,7 +219,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
-        if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == end):
+        if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             state = {
                 "step": done,
                 "model": model.state_dict(),
@@ -252,23 +235,4 @@ def train(
             on_step(done, losses[-1])
     bar.close()
     model.eval()
-    return TrainResult(steps=end, wall_time_s=wall, losses=losses, resumed_from=resumed_from, tracked=tracked,
-                       optimizer_state=_state_by_name(model, opt) if keep_optimizer_state else None)
-
-
-def _state_by_name(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """The optimizer's per-parameter state (AdamW moments and step) keyed by parameter name."""
-    return {name: {k: v.clone() for k, v in opt.state[p].items()}
-            for name, p in model.named_parameters() if p in opt.state}
-
-
-def _load_state_by_name(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Give every parameter named in ``state`` its saved optimizer state; each one must be trained here."""
-    params = dict(model.named_parameters())
-    trained = {p for g in opt.param_groups for p in g["params"]}
-    missing = sorted(n for n in state if n not in params or params[n] not in trained)
-    if missing:
-        raise ValueError(f"optimizer_state names parameters this run does not train: {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}")
-    for name, st in state.items():
-        opt.state[params[name]] = {k: v.clone() for k, v in st.items()}
+    return TrainResult(steps=cfg.steps, wall_time_s=wall, losses=losses, resumed_from=resumed_from, tracked=tracked)
