@@ -305,10 +305,15 @@ def test_notebook_defaults_are_the_library_defaults():
     expected = {"grid": setup.grid, "pretrain_steps": setup.world.pretrain.steps,
                 "ub_steps": setup.world.train.steps, "finetune_steps": setup.finetune_steps,
                 "n_test": setup.world.n_test}
+    # Test-set size does not change what is trained; Table 4 asks for more questions so that its 144-goal
+    # run's Avg. Rate interval is within +-1.5 points (its evaluations are cached apart).
+    larger_test_sets = {"supp_table4_training_walltime": 9000}
     checked = 0
     for notebook in nr.discover_notebooks():
         params = nr.notebook_parameters(notebook)
         for name, value in expected.items():
+            if name == "n_test" and notebook.stem in larger_test_sets:
+                value = larger_test_sets[notebook.stem]
             if name in params:
                 # grid = None: the notebook takes model.vision_grid from the config, as the library does
                 actual = Setup.load(params.get("config"), grid=params[name]).grid if name == "grid" else params[name]
