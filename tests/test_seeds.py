@@ -152,3 +152,18 @@ def test_rate_difference_against_a_fixed_run_counts_only_the_trained_seeds():
     assert (loose.high - loose.low) < (d.high - d.low)
     with pytest.raises(ValueError, match="b_fixed"):
         rate_difference_over_seeds(trained, trained, _records(ub), b_fixed=True)
+
+
+def test_a_difference_of_runs_with_uneven_seeds_says_which_spread_is_missing():
+    """3 seeds against 1: Welch cannot be formed, and the evidence must not claim a single seed overall."""
+    rng = np.random.default_rng(4)
+    ub = rng.random(2000) < 0.8
+    three, one = _seeds(rng, ub, [0.95, 0.94, 0.96]), _seeds(rng, ub, [0.85])
+    d = rate_difference_over_seeds(three, one, _records(ub))
+    assert d.seeds_per_run == (3, 1) and math.isnan(d.seed_halfwidth)
+    assert "3 and 1 seeds: training variation not measured" in d.shown() and "1 seed:" not in d.shown()
+    both = rate_difference_over_seeds(three, three[::-1], _records(ub))
+    assert "3 seeds" in both.shown() and "not measured" not in both.shown()
+    tokens = value_difference_over_seeds([14.5, 14.4, 14.6], [14.3])
+    assert math.isnan(tokens.low) and "one of the two runs has a single seed" in tokens.shown(scale=1, unit=" tokens")
+    assert "1 seed:" in rate_difference_over_seeds(three[:1], one, _records(ub)).shown()

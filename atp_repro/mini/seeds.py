@@ -52,6 +52,7 @@ class SeedInterval:
     seed_halfwidth: float
     question_low: float
     question_high: float
+    seeds_per_run: tuple[int, ...] = ()  # a difference of two runs: how many seeds each has
 
     @property
     def n_seeds(self) -> int:
@@ -65,11 +66,19 @@ class SeedInterval:
         """E.g. ``+2.3 points (95% interval +0.4 to +4.2; seeds +1.9, +2.8, +2.2)``."""
         sign = "+" if signed else ""
         f = f"{{:{sign}.{digits}f}}"
+        uneven = len(self.seeds_per_run) == 2 and self.n_seeds == 1 and max(self.seeds_per_run) > 1
         if math.isnan(self.low) or math.isnan(self.high):
-            return f"{f.format(scale * self.value)}{unit} (no interval: 1 seed, and seeds are its only source of noise)"
+            why = ("seeds are its only source of noise, and one of the two runs has a single seed" if uneven
+                   else "1 seed, and seeds are its only source of noise")
+            return f"{f.format(scale * self.value)}{unit} (no interval: {why})"
         seeds = ", ".join(f.format(scale * v) for v in self.per_seed)
-        spread = (f"{self.n_seeds} seeds {seeds}" if self.n_seeds > 1
-                  else "1 seed: training variation not measured")
+        if self.n_seeds > 1:
+            spread = f"{self.n_seeds} seeds {seeds}"
+        elif uneven:
+            a, b = self.seeds_per_run
+            spread = (f"{a} and {b} seeds: training variation not measured, it needs two seeds of each run")
+        else:
+            spread = "1 seed: training variation not measured"
         sources = ("seeds" if self.question_low == self.question_high == self.value
                    else "seeds and test questions")
         return (f"{f.format(scale * self.value)}{unit} (95% interval {f.format(scale * self.low)} to "
@@ -160,7 +169,7 @@ def rate_difference_over_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFra
     low, high = _combine(value, float(q_low), float(q_high), hw)
     per_seed = tuple(x - rb[0] for x in ra) if b_fixed else tuple(x - y for x, y in zip(ra, rb))
     sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
-    return SeedInterval(value, low, high, per_seed, sd, hw, float(q_low), float(q_high))
+    return SeedInterval(value, low, high, per_seed, sd, hw, float(q_low), float(q_high), (len(a), len(b)))
 
 
 def _seed_only(value: float, seed_hw: float) -> tuple[float, float]:
@@ -193,7 +202,7 @@ def value_difference_over_seeds(a: Sequence[float], b: Sequence[float], *, level
     low, high = _seed_only(value, hw)
     per_seed = tuple(float(x) - float(y) for x, y in zip(a, b))
     sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
-    return SeedInterval(value, low, high, per_seed, sd, hw, value, value)
+    return SeedInterval(value, low, high, per_seed, sd, hw, value, value, (len(a), len(b)))
 
 
 __all__ = ["SeedInterval", "rate_difference_over_seeds", "rate_over_seeds", "value_difference_over_seeds",
