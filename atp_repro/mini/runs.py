@@ -41,8 +41,8 @@ class MiniWorldConfig:
     # The upper bound trains projector + LM on VQA with the vision tower frozen (LLaVA stage 2).
     train: TrainConfig = TrainConfig(trainable="lm", steps=1200, n_train=19200)
     n_val: int = 300
-    # 1000 per family: the Avg. Rate of a pruned run is then known to about +-1.5 to 1.7 points (95% interval;
-    # the Table 4 notebook asks for 9000 so that its 144-goal run's interval is within +-1.5).
+    # 1000 per family: the Avg. Rate of a pruned run is then known to about +-1.5 to 1.7 points (95% interval);
+    # a notebook that needs a tighter interval passes a larger n_test (it changes no training key).
     n_test: int = 6000
     world_seed: int = 0
     # Question rounds per training image of the upper bound (LLaVA-665k style multi-turn): 12 asks

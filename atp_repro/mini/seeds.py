@@ -76,7 +76,7 @@ class SeedInterval:
             spread = f"{self.n_seeds} seeds {seeds}"
         elif uneven:
             a, b = self.seeds_per_run
-            spread = (f"{a} and {b} seeds: training variation not measured, it needs two seeds of each run")
+            spread = f"{a} and {b} seeds: training variation not measured, it needs two seeds of each run"
         else:
             spread = "1 seed: training variation not measured"
         sources = ("seeds" if self.question_low == self.question_high == self.value
