@@ -95,3 +95,25 @@ def test_stage1_start_refuses_a_frozen_lm_and_unknown_starts(cache_dir):
         Variant(144, True, start="stage1")
     with pytest.raises(ValueError, match="Variant.start must be one of"):
         Variant(144, start="scratch")
+
+
+def test_single_questions_in_stage_2_reach_the_upper_bound_and_the_stage_2_runs_only(cache_dir, monkeypatch):
+    from atp_repro.mini import runs
+
+    world = TINY_WORLD.replace(ub_single_every=3)
+    seen = {}
+    real_train = runs.train
+
+    def spy(model, dataset, cfg, **kw):
+        seen.setdefault("datasets", []).append((dataset.turns, dataset.single_every))
+        return real_train(model, dataset, cfg, **kw)
+
+    monkeypatch.setattr(runs, "train", spy)
+    runs.upper_bound(world, progress=False)
+    atp_finetune(world, ATP, world.train.replace(lr_atp=5e-2), progress=False, start="stage1")
+    atp_finetune(world, ATP, FT, progress=False)  # a fine-tune of the finished model: single questions only
+    assert seen["datasets"] == [(world.ub_turns, 3), (world.ub_turns, 3), (1, 0)]
+    assert runs.upper_bound_spec(world)["ub_single_every"] == 3
+    assert "ub_single_every" not in runs.upper_bound_spec(TINY_WORLD)  # earlier artifacts keep their keys
+    with pytest.raises(ValueError, match="ub_single_every"):
+        TINY_WORLD.replace(ub_single_every=1)

@@ -284,6 +284,25 @@ def test_family_weights_set_the_question_mix_of_conversations():
             make_conversation(0, "train", 0, 6, family_weights=bad)
 
 
+def test_single_every_mixes_single_questions_into_conversations(tok):
+    conv = MiniVQA("train", 12, tok, n_image_tokens=16, turns=6)
+    mixed = MiniVQA("train", 12, tok, n_image_tokens=16, turns=6, single_every=4)
+    singles = MiniVQA("train", 3, tok, n_image_tokens=16)
+    for i in range(12):
+        if i % 4 == 3:  # the k-th single question is the split's single-question sample k
+            assert mixed[i]["prompt_ids"] == singles[i // 4]["prompt_ids"]
+            assert mixed[i]["meta"]["question"] == make_sample(0, "train", i // 4).question.question
+        else:
+            assert mixed[i]["input_ids"] == conv[i]["input_ids"]
+    assert {mixed[i]["meta"]["family"] for i in (3, 7, 11)} == {singles[k]["meta"]["family"] for k in range(3)}
+    batch = Collator(tok.pad_token_id, mode="train")([mixed[i] for i in range(8)])  # both kinds in one batch
+    assert (batch["labels"] != IGNORE_INDEX).any(-1).all()
+    assert MiniVQA("test", 4, tok, n_image_tokens=16, single_every=4)[3].keys() == singles[0].keys()  # single-turn
+    for bad in (1, -1, 2.0):
+        with pytest.raises(ValueError, match="single_every"):
+            MiniVQA("train", 4, tok, n_image_tokens=16, turns=6, single_every=bad)
+
+
 def test_world_config_errors_name_the_parameter():
     from atp_repro.mini.runs import MiniWorldConfig
 

@@ -153,6 +153,7 @@ class MiniVQA(torch.utils.data.Dataset):
         turns: int = 1,
         simple_fraction: float = 0.0,
         family_weights: FamilyWeights | None = None,
+        single_every: int = 0,
     ) -> None:
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
@@ -160,9 +161,14 @@ class MiniVQA(torch.utils.data.Dataset):
             raise ValueError(f"n_image_tokens must be > 0, got {n_image_tokens}")
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
+        if not (isinstance(single_every, int) and single_every >= 0) or single_every == 1:
+            raise ValueError(f"single_every must be 0 (never) or an int >= 2, got {single_every!r}")
         self.split, self.n, self.offset, self.turns = split, n, offset, turns
         self.simple_fraction = simple_fraction  # multi-turn (training) conversations only
         self.family_weights = family_weights  # likewise
+        # Multi-turn only: every single_every-th item is one question about its own image instead of a
+        # conversation (0 = never); the k-th such item is the split's single-question sample k.
+        self.single_every = single_every if turns > 1 else 0
         self.tokenizer, self.n_image_tokens = tokenizer, n_image_tokens
         self.world_seed, self.scene_cfg = world_seed, scene_cfg
         self._prefix = [tokenizer.bos_token_id] + encode_words(tokenizer, USER)
@@ -247,6 +253,9 @@ class MiniVQA(torch.utils.data.Dataset):
         if self.turns > 1:
             if not 0 <= i < self.n:
                 raise IndexError(f"index {i} out of range for {self.n} samples")
+            if self.single_every and i % self.single_every == self.single_every - 1:
+                single = make_sample(self.world_seed, self.split, self.offset + i // self.single_every, self.scene_cfg)
+                return self.encode(single), single.scene.image
             scene, qs = make_conversation(self.world_seed, self.split, self.offset + i, self.turns, self.scene_cfg,
                                           self.simple_fraction, self.family_weights)
             return self.encode_conversation(scene, qs, self.offset + i), scene.image

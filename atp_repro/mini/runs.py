@@ -58,11 +58,16 @@ class MiniWorldConfig:
     # Experimental, off by default: hide random vision tokens from deeper layers in part of the upper
     # bound's training samples (atp_repro.mini.token_dropout). None = train as LLaVA-1.5 trains.
     ub_token_dropout: TokenDropoutConfig | None = None
+    # Stage-2 data (the upper bound and the stage-2 ATP runs): every ub_single_every-th training item is a
+    # single question about its own image instead of a conversation (0 = conversations only).
+    ub_single_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_val", "n_test", "ub_turns"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MiniWorldConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not (isinstance(self.ub_single_every, int) and self.ub_single_every >= 0) or self.ub_single_every == 1:
+            raise ValueError(f"MiniWorldConfig.ub_single_every must be 0 (never) or an int >= 2, got {self.ub_single_every!r}")
         if not 0.0 <= self.ub_simple_fraction <= 1.0:
             raise ValueError(f"MiniWorldConfig.ub_simple_fraction must be in [0, 1], got {self.ub_simple_fraction}")
         check_family_weights(self.ub_family_weights, "MiniWorldConfig.ub_family_weights")
@@ -79,7 +84,8 @@ class MiniWorldConfig:
     def grid(self) -> int:
         return self.model.grid
 
-    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
+    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1,
+                single_every: int = 0) -> MiniVQA:
         """Single-turn samples of ``split``, or (``turns > 1``) the upper bound's training conversations."""
         if n is None:
             n = {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
@@ -88,7 +94,8 @@ class MiniWorldConfig:
         conversation = {"simple_fraction": self.ub_simple_fraction,
                         "family_weights": self.ub_family_weights} if turns > 1 else {}
         return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
-                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns, **conversation)
+                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns, single_every=single_every,
+                       **conversation)
 
 
 @dataclass
@@ -204,6 +211,7 @@ def upper_bound_spec(world: MiniWorldConfig) -> dict:
         "ub_family_weights": world.ub_family_weights,
         # only when set, so that artifacts trained without it keep their keys
         **({"ub_token_dropout": _asdict(world.ub_token_dropout)} if world.ub_token_dropout else {}),
+        **({"ub_single_every": world.ub_single_every} if world.ub_single_every else {}),
         "vocab": build_tokenizer().get_vocab(),
         "data": data_fingerprint(world),
         "numerics": numerics.cache_key(),
@@ -244,7 +252,7 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
 
     def build(folder: Path) -> dict:
         model, vinfo = stage1_model(world, tok, progress=progress)
-        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
+        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns, single_every=world.ub_single_every)
         dropout = (VisionTokenDropout(model, world.ub_token_dropout, seed=world.train.seed)
                    if world.ub_token_dropout else None)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
@@ -357,7 +365,8 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
             model = apply_atp(base, atp_cfg)
         # stage 2 trains on the upper bound's conversations, a fine-tune on single questions
         ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok,
-                           turns=world.ub_turns if start == "stage1" else 1)
+                           turns=world.ub_turns if start == "stage1" else 1,
+                           single_every=world.ub_single_every if start == "stage1" else 0)
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
