@@ -87,6 +87,12 @@ def check_family_weights(family_weights: FamilyWeights, name: str = "family_weig
                          f"got {family_weights!r}")
 
 
+def check_single_every(single_every: int, name: str = "single_every") -> None:
+    """Raise a ValueError naming ``name`` unless it is 0 (never) or an int >= 2."""
+    if not (isinstance(single_every, int) and single_every >= 0) or single_every == 1:
+        raise ValueError(f"{name} must be 0 (never) or an int >= 2, got {single_every!r}")
+
+
 def make_conversation(world_seed: int, split: str, index: int, turns: int,
                       scene_cfg: SceneConfig = DEFAULT_SCENE,
                       simple_fraction: float = 0.0,
@@ -161,8 +167,7 @@ class MiniVQA(torch.utils.data.Dataset):
             raise ValueError(f"n_image_tokens must be > 0, got {n_image_tokens}")
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
-        if not (isinstance(single_every, int) and single_every >= 0) or single_every == 1:
-            raise ValueError(f"single_every must be 0 (never) or an int >= 2, got {single_every!r}")
+        check_single_every(single_every)
         self.split, self.n, self.offset, self.turns = split, n, offset, turns
         self.simple_fraction = simple_fraction  # multi-turn (training) conversations only
         self.family_weights = family_weights  # likewise

@@ -21,7 +21,16 @@ import torch
 
 from .. import numerics
 from .cache import load_or_build, spec_hash
-from .data import SPLIT_SEEDS, Collator, FamilyWeights, MiniVQA, check_family_weights, make_conversation, make_sample
+from .data import (
+    SPLIT_SEEDS,
+    Collator,
+    FamilyWeights,
+    MiniVQA,
+    check_family_weights,
+    check_single_every,
+    make_conversation,
+    make_sample,
+)
 from .image_inputs import model_inputs
 from .model import MiniModelConfig, build_model, count_parameters
 from .pretrain import GLOBAL_HEADS, HEADS, PRETRAIN_LOSS, PretrainConfig, pretrain_vision_tower, scene_targets
@@ -66,8 +75,7 @@ class MiniWorldConfig:
         for name in ("n_val", "n_test", "ub_turns"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MiniWorldConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not (isinstance(self.ub_single_every, int) and self.ub_single_every >= 0) or self.ub_single_every == 1:
-            raise ValueError(f"MiniWorldConfig.ub_single_every must be 0 (never) or an int >= 2, got {self.ub_single_every!r}")
+        check_single_every(self.ub_single_every, "MiniWorldConfig.ub_single_every")
         if not 0.0 <= self.ub_simple_fraction <= 1.0:
             raise ValueError(f"MiniWorldConfig.ub_simple_fraction must be in [0, 1], got {self.ub_simple_fraction}")
         check_family_weights(self.ub_family_weights, "MiniWorldConfig.ub_family_weights")
@@ -84,18 +92,16 @@ class MiniWorldConfig:
     def grid(self) -> int:
         return self.model.grid
 
-    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1,
-                single_every: int = 0) -> MiniVQA:
+    def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
         """Single-turn samples of ``split``, or (``turns > 1``) the upper bound's training conversations."""
         if n is None:
             n = {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"n (samples of the {split} split) must be an int >= 1, got {n!r}")
-        conversation = {"simple_fraction": self.ub_simple_fraction,
-                        "family_weights": self.ub_family_weights} if turns > 1 else {}
+        conversation = {"simple_fraction": self.ub_simple_fraction, "family_weights": self.ub_family_weights,
+                        "single_every": self.ub_single_every} if turns > 1 else {}
         return MiniVQA(split, n, tokenizer or build_tokenizer(), self.model.n_image_tokens,
-                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns, single_every=single_every,
-                       **conversation)
+                       world_seed=self.world_seed, scene_cfg=self.scene, turns=turns, **conversation)
 
 
 @dataclass
@@ -252,7 +258,7 @@ def upper_bound(world: MiniWorldConfig = MiniWorldConfig(), *, progress: bool = 
 
     def build(folder: Path) -> dict:
         model, vinfo = stage1_model(world, tok, progress=progress)
-        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns, single_every=world.ub_single_every)
+        ds = world.dataset("train", tokenizer=tok, turns=world.ub_turns)
         dropout = (VisionTokenDropout(model, world.ub_token_dropout, seed=world.train.seed)
                    if world.ub_token_dropout else None)
         res = train(model, ds, world.train, checkpoint_path=folder / "partial" / "checkpoint.pt",
@@ -365,8 +371,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
             model = apply_atp(base, atp_cfg)
         # stage 2 trains on the upper bound's conversations, a fine-tune on single questions
         ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok,
-                           turns=world.ub_turns if start == "stage1" else 1,
-                           single_every=world.ub_single_every if start == "stage1" else 0)
+                           turns=world.ub_turns if start == "stage1" else 1)
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
         res = train(model, ds, train_cfg, checkpoint_path=folder / "partial" / "checkpoint.pt", run_spec=spec,
                     extra_loss=budget_loss, atp_params=atp_parameters(model), progress=progress,
