@@ -114,7 +114,8 @@ def test_single_questions_in_stage_2_reach_the_upper_bound_and_the_stage_2_runs_
     atp_finetune(world, ATP, FT, progress=False)  # a fine-tune of the finished model: single questions only
     assert seen["datasets"] == [(world.ub_turns, 3), (world.ub_turns, 3), (1, 0)]
     assert runs.upper_bound_spec(world)["ub_single_every"] == 3
-    # conversations only (0) keep the key that artifacts trained before the setting existed have
+    # with conversations only (0) the spec has no ub_single_every key, so artifacts trained before the
+    # setting existed keep their cache keys
     assert "ub_single_every" not in runs.upper_bound_spec(TINY_WORLD.replace(ub_single_every=0))
     assert runs.MiniWorldConfig().ub_single_every == 5  # the default stage-2 data mixes single questions in
     with pytest.raises(ValueError, match="ub_single_every"):

@@ -6,8 +6,8 @@ initialised models (the cost of a step does not depend on the weights), and pred
 time from the step counts of the world config:
 
 * vision-tower pretraining: forward + backward of the dense perception heads on one batch;
-* upper bound: forward + backward of projector + LM on one batch of multi-turn conversations,
-  tower frozen (LLaVA stage 2);
+* upper bound: forward + backward of projector + LM on one batch of multi-turn conversations
+  (and the single questions mixed in), tower frozen (LLaVA stage 2);
 * evaluation: greedy generation on test questions (an untrained model rarely stops early, so this is
   the longest answers' cost).
 

@@ -48,7 +48,8 @@ class MiniWorldConfig:
     scene: SceneConfig = SceneConfig()
     pretrain: PretrainConfig = PretrainConfig()  # the vision tower (stand-in for pretrained CLIP)
     # The upper bound trains projector + LM on VQA with the vision tower frozen (LLaVA stage 2).
-    # 20 items a step: 16 conversations and 4 single questions (ub_single_every = 5), one epoch.
+    # 20 items a step, one epoch; every fifth item is a single question (ub_single_every = 5), so a step
+    # holds 16 conversations and 4 single questions on average.
     train: TrainConfig = TrainConfig(trainable="lm", steps=1200, batch_size=20, n_train=24000)
     n_val: int = 300
     # 1000 per family: the Avg. Rate of a pruned run is then known to about +-1.5 to 1.7 points (95% interval);
@@ -73,9 +74,10 @@ class MiniWorldConfig:
     # (docs/history.md): trained on conversations alone, the stage-2 ATP run's first module learns to keep
     # what all 12 questions of a conversation look at and drops the label a text question asks about
     # (text 0.41 of the upper bound's 0.98, Avg. Rate 89.2% at the 144 goal); with 4 single questions beside
-    # the same 16 conversations a step, text 0.84 and 96.0% / 93.4% (seeds 0 / 1) of an upper bound as good
-    # as before, at 1.22x the cost of a stage-2 step. 32 conversations + 8 singles for 600 steps (the same
-    # items) kept 92.7%; 32 + 8 for 1200 steps (twice the items) 99.0% / 101.6%, at 2.5x the cost.
+    # 16 conversations a step (on average), text 0.84 and 96.0% / 93.4% (seeds 0 / 1) of an upper bound as
+    # good as before, at 1.22x the cost of a stage-2 step. 32 conversations + 8 singles for 600 steps (the
+    # same number of items) kept 92.7% of its own upper bound; 32 + 8 for 1200 steps (twice the items)
+    # trained a stronger upper bound and kept 99.0% / 101.6% of it, at 2.5x the cost.
     ub_single_every: int = 5
 
     def __post_init__(self) -> None:
@@ -158,7 +160,7 @@ def pretraining_fingerprint(world: MiniWorldConfig, n: int = FINGERPRINT_SAMPLES
 
 def data_fingerprint(world: MiniWorldConfig, n: int = FINGERPRINT_SAMPLES) -> str:
     """SHA-256 of the first ``n`` items of every VQA stream: each split's samples and the upper
-    bound's multi-turn conversations.
+    bound's multi-turn conversations (with their single questions).
 
     The configs alone do not pin the data: a change to scene drawing or question wording in
     ``scenes.py``/``questions.py``/``data.py`` keeps every config field and vocabulary word the same.
@@ -341,7 +343,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
     ``start="upper_bound"``: into the finished upper-bound model, fine-tuned on single-question samples
     (the paper's frozen-LM setting, and its Table 8 "one more epoch" setting). ``start="stage1"``: into the
     stage-1 model (the pretrained vision tower, projector and LM as initialised), then trained through
-    the upper bound's own stage 2 (its multi-turn conversations, data order, learning-rate schedule and
+    the upper bound's own stage 2 (its conversations and single questions, data order, learning-rate schedule and
     steps: pass ``world.train`` with the ATP rate and seed): the paper's trainable-LM setting, where
     ATP-LLaVA completes LLaVA-1.5's stage 2 with the modules in place (supplementary Sec. 1 and 4).
     ``qwen`` (a :class:`~atp_repro.mini.qwen.QwenMiniConfig`): into the mini Qwen2-VL upper bound instead.
