@@ -70,14 +70,11 @@ class MiniWorldConfig:
     # bound's training samples (atp_repro.mini.token_dropout). None = train as LLaVA-1.5 trains.
     ub_token_dropout: TokenDropoutConfig | None = None
     # Stage-2 data (the upper bound and the stage-2 ATP runs): every ub_single_every-th training item is a
-    # single question about its own image instead of a conversation (0 = conversations only). Measured
-    # (docs/history.md): trained on conversations alone, the stage-2 ATP run's first module learns to keep
-    # what all 12 questions of a conversation look at and drops the label a text question asks about
-    # (text 0.41 of the upper bound's 0.98, Avg. Rate 89.2% at the 144 goal); with 4 single questions beside
-    # 16 conversations a step (on average), text 0.84 and 96.0% / 93.4% (seeds 0 / 1) of an upper bound as
-    # good as before, at 1.22x the cost of a stage-2 step. 32 conversations + 8 singles for 600 steps (the
-    # same number of items) kept 92.7% of its own upper bound; 32 + 8 for 1200 steps (twice the items)
-    # trained a stronger upper bound and kept 99.0% / 101.6% of it, at 2.5x the cost.
+    # single question about its own image instead of a conversation (0 = conversations only). Trained on
+    # conversations alone, the stage-2 ATP run's first module keeps what all 12 questions of a conversation
+    # look at and drops the label a text question asks about (text 0.41 of the upper bound's 0.98, 89.2% at
+    # the 144 goal); with single questions mixed in, text 0.84 and 96.0% / 93.4% (seeds 0 / 1), at 1.22x the
+    # cost of a stage-2 step. The other recipes measured: docs/history.md.
     ub_single_every: int = 5
 
     def __post_init__(self) -> None:
@@ -102,7 +99,8 @@ class MiniWorldConfig:
         return self.model.grid
 
     def dataset(self, split: str, n: int | None = None, tokenizer=None, turns: int = 1) -> MiniVQA:
-        """Single-turn samples of ``split``, or (``turns > 1``) the upper bound's training conversations."""
+        """Single-turn samples of ``split``, or (``turns > 1``) the upper bound's stage-2 data: conversations,
+        every ``ub_single_every``-th item a single question."""
         if n is None:
             n = {"train": self.train.n_train, "val": self.n_val, "test": self.n_test}[split]
         if not (isinstance(n, int) and n >= 1):
@@ -378,7 +376,7 @@ def atp_finetune(world: MiniWorldConfig, atp_cfg: Any, train_cfg: TrainConfig, *
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
             model = apply_atp(base, atp_cfg)
-        # stage 2 trains on the upper bound's conversations, a fine-tune on single questions
+        # stage 2 trains on the upper bound's stage-2 data, a fine-tune on single questions
         ds = world.dataset("train", n=train_cfg.n_train, tokenizer=tok,
                            turns=world.ub_turns if start == "stage1" else 1)
         calibration = calibrate_at_target(model, ds, atp_cfg, train_cfg.num_threads)
