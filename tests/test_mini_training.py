@@ -484,15 +484,35 @@ def test_calibrated_finetune_starts_at_its_budget(cache_dir):
 
 
 def test_table6_rows_keep_the_papers_relative_lambdas():
-    from atp_repro.mini.experiments import VARIANTS, Setup
+    from atp_repro.mini.experiments import (
+        SWEEP_LAMBDA_SCALE,
+        TABLE6_LAMBDAS,
+        VARIANTS,
+        Setup,
+        lambda_sweep_variant,
+    )
 
     setup = Setup.load()
     scale_atp, scale_target = setup.lambda_scale()
-    row1 = setup.atp_config(VARIANTS["lambda_1_1"])
+    rows = [setup.atp_config(lambda_sweep_variant(a, t)) for a, t in TABLE6_LAMBDAS]
     main = setup.atp_config(VARIANTS["trainable_144"])
-    assert (row1.lambda_atp, row1.lambda_target) == (1.0 * scale_atp, 1.0 * scale_target)
-    assert row1.lambda_atp / main.lambda_atp == pytest.approx(10.0)
-    assert row1.lambda_target / main.lambda_target == pytest.approx(5.0)
+    # Row 2 is the paper's main setting: the main run's lambdas times the sweep's factor, nothing else changed.
+    assert rows[1].lambda_atp == pytest.approx(main.lambda_atp * SWEEP_LAMBDA_SCALE)
+    assert rows[1].lambda_target == pytest.approx(main.lambda_target * SWEEP_LAMBDA_SCALE)
+    assert rows[1].replace(lambda_atp=main.lambda_atp, lambda_target=main.lambda_target) == main
+    assert (rows[0].lambda_atp, rows[0].lambda_target) == pytest.approx(
+        (SWEEP_LAMBDA_SCALE * scale_atp, SWEEP_LAMBDA_SCALE * scale_target))
+    # Relative lambdas are the paper's: row 1 / row 2 = 10 (lambda_ATP) and 5 (lambda_target); row 3 halves lambda_ATP.
+    assert rows[0].lambda_atp / rows[1].lambda_atp == pytest.approx(10.0)
+    assert rows[0].lambda_target / rows[1].lambda_target == pytest.approx(5.0)
+    assert rows[2].lambda_atp / rows[1].lambda_atp == pytest.approx(0.5)
+    assert rows[3].lambda_target / rows[1].lambda_target == pytest.approx(0.005)
+    # scale 1 runs the paper's lambdas: row 2 is then the main run itself.
+    assert setup.atp_config(lambda_sweep_variant(0.1, 0.2, scale=1.0)) == main
+    for bad in ({"scale": 0.0}, {"scale": -1.0}, {"scale": float("nan")}, {"lambda_atp": -0.1}):
+        args = {"lambda_atp": 0.1, "lambda_target": 0.2, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            lambda_sweep_variant(**args)
     base_seed = setup.train_config(VARIANTS["trainable_144"]).seed
     assert setup.train_config(VARIANTS["trainable_144"], seed=2).seed == base_seed + 2
     with pytest.raises(ValueError, match="seed"):

@@ -1,9 +1,9 @@
 """The mini world's named experiments, shared by the supplementary notebooks.
 
 One catalogue of ATP fine-tunes (:data:`VARIANTS`) so that notebooks reuse each other's cached
-runs: Table 2 and Figure 1 reuse Table 4's ``trainable_144``; Table 6's main row and the
-ablation's reference are the same run. Evaluations are cached too (keyed by the model artifact
-and the test set), so a warm ``make reproduce`` only re-renders tables.
+runs: Table 2, Figure 1 and the ablation's reference reuse Table 4's ``trainable_144``; Table 6
+sweeps the lambdas at a smaller scale (:func:`lambda_sweep_variant`). Evaluations are cached too
+(keyed by the model artifact and the test set), so a warm ``make reproduce`` only re-renders tables.
 
 Token targets are given in LLaVA-1.5 units (of 576) and scaled to the mini grid; as in the paper,
 N_target = 130 gives about 144 tokens, so a ``tokens_576`` goal t uses N_target = t x 130 / 144.
@@ -79,10 +79,7 @@ VARIANTS: dict[str, Variant] = {
     "stage2_144": Variant(144, False, (("score_gradient", True),),
                           "ATP in stage 2 from the stage-1 model (paper's trainable-LM setting)", start="stage1"),
     "stage2_88": Variant(88, False, (("score_gradient", True),), "ATP in stage 2, 88-token goal", start="stage1"),
-    # supplementary Table 6 (the 0.1 / 0.2 row is trainable_144)
-    "lambda_1_1": Variant(144, False, (("lambda_atp", 1.0), ("lambda_target", 1.0)), "Table 6 row 1"),
-    "lambda_0.05_0.2": Variant(144, False, (("lambda_atp", 0.05), ("lambda_target", 0.2)), "Table 6 row 3"),
-    "lambda_0.001_0.001": Variant(144, False, (("lambda_atp", 0.001), ("lambda_target", 0.001)), "Table 6 row 4"),
+    # supplementary Table 6's rows: lambda_sweep_variant (lambdas scaled by SWEEP_LAMBDA_SCALE)
     # ablations of interpretations (reference: trainable_144)
     "T_1e6_plain": Variant(144, False, (("ste_temperature", None),), "T=1e6, plain sigmoid gradient (paper)"),
     "T_10_plain": Variant(144, False, (("temperature", 10.0), ("ste_temperature", None)), "T=10, soft masks"),
@@ -95,6 +92,34 @@ VARIANTS: dict[str, Variant] = {
     "cross_only": Variant(144, False, (("importance", "cross"),), "S_r from cross-modality importance alone"),
 }
 
+
+# Supplementary Table 6: (lambda_ATP, lambda_target) of the paper's four rows, strongest budget pressure first.
+TABLE6_LAMBDAS: tuple[tuple[float, float], ...] = ((1.0, 1.0), (0.1, 0.2), (0.05, 0.2), (0.001, 0.001))
+# The sweep multiplies every row's lambdas by this factor. Measured (8x8 grid, 60-step fine-tunes from the
+# calibrated start, seeds 0, 1, 2; tokens as 576-equivalents): at the main lambdas (factor 1) the
+# |N_bar - N_target| term holds every row with lambda_ATP >= 0.05 on N_target, so rows 2 and 3 differ by
+# noise (131.9 and 130.9 tokens; over 3 seeds row 3 minus row 2 was -1.0, +0.9, +1.0). The paper's main
+# row lands 11% above its N_target (144 for 130): the task loss outweighs the budget there. At 0.15 the
+# rows keep 129.1 / 143.3 / 150.2 / 177.0 tokens (seed 0; row 3 minus row 2: +6.9, +3.0, +3.4 over seeds
+# 0-2; row 2 minus row 1: +14.2, +4.4, +21.0); at 0.25 rows 2 and 3 were still held (131.1, 130.7), at
+# 0.1 the main row drifted to 143-162. One factor for the whole sweep keeps the paper's *relative*
+# lambdas. Scaling the main lambdas everywhere instead was rejected: at 0.15 (and 0.1) the frozen-LM
+# fine-tunes of Table 4 fall to 97 and 101 tokens whatever their goal (88 / 144; 87 and 129 at factor 1).
+SWEEP_LAMBDA_SCALE = 0.15
+
+
+def lambda_sweep_variant(lambda_atp: float, lambda_target: float, scale: float = SWEEP_LAMBDA_SCALE) -> Variant:
+    """Table 6's fine-tune for the paper's (lambda_ATP, lambda_target), both multiplied by ``scale``.
+
+    The main setting's run otherwise (``trainable_144``) with only the lambdas changed; the mini config's own
+    lambda factors (:meth:`Setup.lambda_scale`) apply on top, as for every variant."""
+    for name, value in (("lambda_atp", lambda_atp), ("lambda_target", lambda_target), ("scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if scale == 0:
+        raise ValueError(f"scale must be > 0 (0 would switch the budget off), got {scale!r}")
+    return Variant(144, False, (("lambda_atp", lambda_atp * scale), ("lambda_target", lambda_target * scale)),
+                   f"Table 6 row: lambda_ATP {lambda_atp:g}, lambda_target {lambda_target:g}, both x {scale:g}")
 
 @dataclass
 class Setup:
