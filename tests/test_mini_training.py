@@ -484,6 +484,7 @@ def test_calibrated_finetune_starts_at_its_budget(cache_dir):
 
 
 def test_table6_rows_keep_the_papers_relative_lambdas():
+    from atp_repro import paper
     from atp_repro.mini.experiments import (
         SWEEP_LAMBDA_SCALE,
         TABLE6_LAMBDAS,
@@ -494,22 +495,33 @@ def test_table6_rows_keep_the_papers_relative_lambdas():
 
     setup = Setup.load()
     scale_atp, scale_target = setup.lambda_scale()
+    # The sweep's rows are the paper's rows, in its order (the numbers file names each row by its lambdas).
+    reported = paper.load_paper_numbers("supp_table6").pivot(index="row", columns="column", values="value")
+    assert [tuple(reported.loc[f"N_target=130, lambda_ATP={a:g}, lambda_target={t:g}", ["lambda_ATP", "lambda_target"]])
+            for a, t in TABLE6_LAMBDAS] == list(TABLE6_LAMBDAS)
+    assert len(reported) == len(TABLE6_LAMBDAS)
     rows = [setup.atp_config(lambda_sweep_variant(a, t)) for a, t in TABLE6_LAMBDAS]
+    for (a, t), row in zip(TABLE6_LAMBDAS, rows, strict=True):
+        assert row.lambda_atp == pytest.approx(a * SWEEP_LAMBDA_SCALE * scale_atp)
+        assert row.lambda_target == pytest.approx(t * SWEEP_LAMBDA_SCALE * scale_target)
     main = setup.atp_config(VARIANTS["trainable_144"])
     # Row 2 is the paper's main setting: the main run's lambdas times the sweep's factor, nothing else changed.
     assert rows[1].lambda_atp == pytest.approx(main.lambda_atp * SWEEP_LAMBDA_SCALE)
     assert rows[1].lambda_target == pytest.approx(main.lambda_target * SWEEP_LAMBDA_SCALE)
     assert rows[1].replace(lambda_atp=main.lambda_atp, lambda_target=main.lambda_target) == main
-    assert (rows[0].lambda_atp, rows[0].lambda_target) == pytest.approx(
-        (SWEEP_LAMBDA_SCALE * scale_atp, SWEEP_LAMBDA_SCALE * scale_target))
     # Relative lambdas are the paper's: row 1 / row 2 = 10 (lambda_ATP) and 5 (lambda_target); row 3 halves lambda_ATP.
     assert rows[0].lambda_atp / rows[1].lambda_atp == pytest.approx(10.0)
     assert rows[0].lambda_target / rows[1].lambda_target == pytest.approx(5.0)
     assert rows[2].lambda_atp / rows[1].lambda_atp == pytest.approx(0.5)
     assert rows[3].lambda_target / rows[1].lambda_target == pytest.approx(0.005)
-    # scale 1 runs the paper's lambdas: row 2 is then the main run itself.
+    # The factor is a real scaling (the reason is measured at 0.15; 1 would leave rows 2 and 3 on the target).
+    assert 0 < SWEEP_LAMBDA_SCALE < 1
+    # scale 1 runs the paper's lambdas: row 2 is then the main run itself; numpy scalars are numbers too.
     assert setup.atp_config(lambda_sweep_variant(0.1, 0.2, scale=1.0)) == main
-    for bad in ({"scale": 0.0}, {"scale": -1.0}, {"scale": float("nan")}, {"lambda_atp": -0.1}):
+    numpy_row = lambda_sweep_variant(np.float32(0.5), 1, scale=np.int64(1))
+    assert numpy_row.atp == (("lambda_atp", 0.5), ("lambda_target", 1.0))
+    for bad in ({"scale": 0.0}, {"scale": -1.0}, {"scale": float("nan")}, {"scale": True}, {"lambda_atp": -0.1},
+                {"lambda_target": float("inf")}, {"lambda_atp": "0.1"}):
         args = {"lambda_atp": 0.1, "lambda_target": 0.2, **bad}
         with pytest.raises(ValueError, match=next(iter(bad))):
             lambda_sweep_variant(**args)
