@@ -97,16 +97,11 @@ VARIANTS: dict[str, Variant] = {
 
 # Supplementary Table 6: (lambda_ATP, lambda_target) of the paper's four rows, strongest budget pressure first.
 TABLE6_LAMBDAS: tuple[tuple[float, float], ...] = ((1.0, 1.0), (0.1, 0.2), (0.05, 0.2), (0.001, 0.001))
-# The sweep multiplies every row's lambdas by this factor. Measured (8x8 grid, 60-step fine-tunes from the
-# calibrated start; tokens as 576-equivalents, rows 1 / 2 / 3 / 4, seed 0 unless stated): at the main lambdas
-# (factor 1) the |N_bar - N_target| term holds every row with lambda_ATP >= 0.05 on N_target, so rows 2 and 3
-# differ by noise (127.5 / 131.9 / 130.9 / 174.3; row 3 minus row 2 over seeds 0-2: -1.0, +0.9, +1.0). The
-# paper's main row lands 11% above its N_target (144 for 130): the task loss outweighs the budget there.
-# At 0.25 rows 2 and 3 were still held (131.1, 130.7). At 0.15: 129.1 / 143.3 / 150.2 / 177.0; row 3 minus
-# row 2 +6.9, +3.0, +3.4 and row 2 minus row 1 +14.2, +4.4, +21.0 over seeds 0-2. At 0.1 the main row kept
-# 156.5, 143.0, 161.7 (seeds 0-2). One factor for the whole sweep keeps the paper's *relative* lambdas.
-# Scaling the main lambdas of every run instead was rejected: the frozen-LM fine-tunes of Table 4 then keep
-# 97 and 101 tokens at 0.15 (99 and 101 at 0.1) for the goals 88 and 144, against 87 and 129 at factor 1.
+# The sweep multiplies every row's lambdas by this factor, keeping the paper's relative lambdas. At factor 1 a
+# 60-step fine-tune from the calibrated start stays on N_target for every row with lambda_ATP >= 0.05 (the
+# |N_bar - N_target| term outweighs the task loss), so rows 2 and 3 differ by noise (131.9 and 130.9 tokens,
+# 576-eq); at 0.15 they keep 143.3 and 150.2 (paper 144 and 152). The factors measured, and why every run's
+# lambdas were not scaled instead: docs/interpretations.md, "Table 6's λ sweep".
 SWEEP_LAMBDA_SCALE = 0.15
 
 
